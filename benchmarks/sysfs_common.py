@@ -1,0 +1,50 @@
+"""Start and stop an ``mdevd serve`` subprocess for the sysfs benchmarks."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The pool test parent: big enough for 1,000+ devices (mtty has 24 ports).
+POOL_PARENT = "mdev_testdriver:BigPool@devices/virtual/pool/pool"
+POOL_TYPE_DIR = "devices/virtual/pool/pool/mdev_supported_types/pool-1"
+
+
+class Daemon:
+    def __init__(self, base: Path) -> None:
+        self.sysfs = base / "sys"
+        self.run_dir = base / "run"
+        env = dict(os.environ, PYTHONPATH=str(REPO / "tests" / "core"))
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from mdevcore.daemon.cli import main; sys.exit(main())",
+        ]
+        cmd += ["serve", "--no-builtins", "--parent", POOL_PARENT]
+        cmd += ["--sysfs", str(self.sysfs), "--run-dir", str(self.run_dir)]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+        )
+        assert self.proc.stdout is not None
+        out = b""
+        while b"mdevd: ready\n" not in out:
+            select.select([self.proc.stdout.fileno()], [], [], 60)
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise SystemExit("mdevd failed to start")
+            out += chunk
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)

@@ -1,0 +1,223 @@
+"""vfio-user round-trip benchmark: our server against a minimal C responder.
+
+    .venv/bin/python benchmarks/vfio_user_rtt.py [--reads 20000] [--writes 100000]
+
+Prints figures, asserts nothing.  Servers, each in its own process:
+  C responder        benchmarks/c/responder.c (the floor)
+  python raw         DeviceServer + a bytearray-backed DeviceBackend
+  python raw spin 0  the same without polling before parking in trio
+  python PciDevice   DeviceServer + a PciDevice with one MEM32 BAR
+Clients: the project's blocking Client (Python) and benchmarks/c/client.c.
+Measured: REGION_READ of 4 bytes (median and p99 round trip over --reads
+requests after 1000 warm-up) and REGION_WRITE with No_reply (msgs/s, ended
+by one read so every write was processed).  Binaries go to benchmarks/build/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BUILD = HERE / "build"
+sys.path.insert(0, str(ROOT))
+
+from mdevcore.pci.device import BarKind, PciDevice, PciIdentity  # noqa: E402
+from mdevcore.vfio_user.backend import (  # noqa: E402
+    REGION_FLAG_READ,
+    REGION_FLAG_WRITE,
+    DeviceInfo,
+    DmaMapping,
+    DmaPort,
+    IrqInfo,
+    RegionInfo,
+)
+from mdevcore.vfio_user.client import Client  # noqa: E402
+from mdevcore.vfio_user.constants import Command  # noqa: E402
+from mdevcore.vfio_user.server import DEFAULT_SPIN_US  # noqa: E402
+from mdevcore.vfio_user.wire import REGION_ACCESS  # noqa: E402
+
+
+class RawDevice:
+    """The least a DeviceBackend can do: one 4 KiB RW region 0."""
+
+    def __init__(self) -> None:
+        self.mem = bytearray(4096)
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(0, 9, 5)
+
+    def region_info(self, index: int) -> RegionInfo:
+        if index == 0:
+            return RegionInfo(0, REGION_FLAG_READ | REGION_FLAG_WRITE, 4096)
+        if 0 <= index < 9:
+            return RegionInfo(index, 0, 0)
+        raise OSError(errno.EINVAL, "no region")
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if index != 0 or offset + count > 4096:
+            raise OSError(errno.EINVAL, "bad access")
+        return bytes(self.mem[offset : offset + count])
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        if index != 0 or offset + len(data) > 4096:
+            raise OSError(errno.EINVAL, "bad access")
+        self.mem[offset : offset + len(data)] = data
+
+    def irq_info(self, index: int) -> IrqInfo:
+        return IrqInfo(index, 1, 0)
+
+    def set_irqs(self, *args: object) -> None:
+        raise OSError(errno.EINVAL, "no IRQs")
+
+    def dma_map(self, mapping: DmaMapping) -> None:
+        raise OSError(errno.EINVAL, "no DMA")
+
+    def dma_unmap(self, address: int, size: int, flags: int) -> None:
+        raise OSError(errno.EINVAL, "no DMA")
+
+    def reset(self) -> None:
+        self.mem[:] = bytes(4096)
+
+    def device_feature(self, flags: int, data: bytes) -> bytes:
+        raise OSError(errno.ENOTTY, "none")
+
+    def mig_data_read(self, size: int) -> bytes:
+        raise OSError(errno.EINVAL, "no migration")
+
+    def mig_data_write(self, data: bytes) -> None:
+        raise OSError(errno.EINVAL, "no migration")
+
+    def connected(self, port: DmaPort) -> None:
+        pass
+
+    def disconnected(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        return
+
+
+class PciBench(PciDevice):
+    """A PciDevice whose BAR0 is plain memory (the default handlers)."""
+
+    def __init__(self) -> None:
+        super().__init__(PciIdentity(vendor_id=0x1234, device_id=0xBEEF, class_code=0xFF0000))
+        self.add_bar(0, 0x1000, BarKind.MEM32)
+
+
+def build() -> None:
+    BUILD.mkdir(exist_ok=True)
+    for name in ("responder", "client"):
+        src, out = HERE / "c" / f"{name}.c", BUILD / name
+        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
+
+
+SERVERS = (
+    # label, device class (None = the C responder), spin_us
+    ("C responder", None, 0.0),
+    ("python raw", "RawDevice", DEFAULT_SPIN_US),
+    ("python raw spin 0", "RawDevice", 0.0),
+    ("python PciDevice", "PciBench", DEFAULT_SPIN_US),
+)
+
+
+def start_server(device: str | None, spin_us: float, path: str) -> subprocess.Popen[bytes]:
+    if device is None:
+        cmd = [str(BUILD / "responder"), path]
+    else:
+        cmd = [sys.executable, "-m", "mdevcore.vfio_user", "--device", f"vfio_user_rtt:{device}",
+               "--socket", path, "--spin-us", str(spin_us)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{ROOT}")
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server {cmd} did not start")
+        time.sleep(0.01)
+    return proc
+
+
+def python_client(path: str, reads: int, writes: int) -> tuple[float, float, float]:
+    with Client(path, timeout=None) as c:
+        c.negotiate()
+        times = []
+        req = REGION_ACCESS.pack(0, 0, 4)
+        clock = time.perf_counter_ns
+        for i in range(1000 + reads):
+            t0 = clock()
+            c.wait_reply(c.send(Command.REGION_READ, req))
+            if i >= 1000:
+                times.append(clock() - t0)
+        times.sort()
+        median = statistics.median(times) / 1000
+        p99 = times[int(len(times) * 0.99)] / 1000
+        body = REGION_ACCESS.pack(0, 0, 4) + b"abcd"
+        t0 = clock()
+        for _ in range(writes):
+            c.send(Command.REGION_WRITE, body, no_reply=True)
+        c.region_read(0, 0, 4)  # every write before it has been handled
+        rate = writes / ((clock() - t0) / 1e9)
+        return median, p99, rate
+
+
+def c_client(path: str, reads: int, writes: int) -> tuple[float, float, float]:
+    out = subprocess.run(
+        [str(BUILD / "client"), path, str(reads), str(writes)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    fields = dict(zip(out[::2], map(float, out[1::2]), strict=True))
+    return fields["rtt_median_us"], fields["rtt_p99_us"], fields["posted_msgs_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=20000)
+    parser.add_argument("--writes", type=int, default=100000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per server")
+    args = parser.parse_args()
+    build()
+    # samples[(label, client)] = [(median, p99, rate), ...], one per round.
+    # Rounds interleave the servers so a noisy neighbour hits them alike.
+    samples: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="vu-bench-") as d:
+        for round_ in range(args.rounds):
+            for i, (label, device, spin_us) in enumerate(SERVERS):
+                path = os.path.join(d, f"{round_}-{i}.sock")
+                proc = start_server(device, spin_us, path)
+                try:
+                    for client_name, fn in (("python", python_client), ("C", c_client)):
+                        result = fn(path, args.reads, args.writes)
+                        samples.setdefault((label, client_name), []).append(result)
+                finally:
+                    proc.terminate()
+                    proc.wait()
+    rows = [
+        (label, client, *(statistics.median(col) for col in zip(*runs, strict=True)))
+        for (label, client), runs in samples.items()
+    ]
+    floor = {client: med for label, client, med, _, _ in rows if label == "C responder"}
+    print(
+        f"REGION_READ 4 bytes: {args.reads} round trips; REGION_WRITE No_reply: {args.writes}; "
+        f"median of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'server':<20}{'client':<8}{'median us':>10}{'p99 us':>9}{'x floor':>9}"
+          f"{'posted msg/s':>14}")  # fmt: skip
+    for label, client, med, p99, rate in rows:
+        ratio = med / floor[client]
+        print(f"{label:<20}{client:<8}{med:>10.2f}{p99:>9.2f}{ratio:>9.2f}{rate:>14,.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""mdevd: the daemon that mounts the sysfs mirror and serves mdevs over vfio-user."""

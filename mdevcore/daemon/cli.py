@@ -1,0 +1,69 @@
+"""``mdevd``: serve the mdev sysfs mirror, run mdevctl against it, or the lab.
+
+mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent SPEC]...
+mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
+mdevd lab ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RUN_DIR = Path("/run/mdevd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdevd", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="mount the sysfs mirror and serve devices over vfio-user")
+    s.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="vfio-user sockets")
+    s.add_argument("--sysfs", type=Path, help="mount point (default RUN_DIR/sys)")
+    s.add_argument("--persist", type=Path, help="recreate devices recorded here at start")
+    s.add_argument(
+        "--parent",
+        action="append",
+        default=[],
+        metavar="MODULE:FACTORY@LOCATION",
+        help="register another parent, e.g. pkg.mod:Driver@devices/virtual/foo/foo",
+    )
+    s.add_argument("--no-builtins", action="store_true", help="do not register built-in parents")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    m = sub.add_parser("mdevctl", help="run the real mdevctl against the mirror")
+    m.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    m.add_argument("--sysfs", type=Path, help="the mirror (default RUN_DIR/sys)")
+    m.add_argument("--config", type=Path, help="stands in for /etc/mdevctl.d (RUN_DIR/mdevctl.d)")
+    m.add_argument("args", nargs=argparse.REMAINDER, help="mdevctl arguments")
+
+    sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["lab"]:
+        from tools.lab.cli import main as lab_main  # another component; imported lazily
+
+        return int(lab_main(args_list[1:]) or 0)
+    args = _parser().parse_args(args_list)
+    try:
+        if args.command == "serve":
+            from mdevcore.daemon.serve import serve  # trio and pyfuse3 only when serving
+
+            return serve(args)
+        if args.command == "mdevctl":
+            from mdevcore.daemon.mdevctl import run_mdevctl
+
+            run_dir: Path = args.run_dir
+            sysfs = args.sysfs or run_dir / "sys"
+            config = args.config or run_dir / "mdevctl.d"
+            return run_mdevctl(sysfs, config, args.args)
+    except OSError as e:
+        print(f"mdevd: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2

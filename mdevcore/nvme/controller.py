@@ -1,0 +1,488 @@
+"""The NVMe controller: registers, queues, command dispatch.
+
+No PCI and no sockets: the owner feeds register accesses in
+(:meth:`mmio_read` / :meth:`mmio_write`), calls :meth:`process` when
+doorbells may have moved, calls :meth:`tick` at :meth:`next_deadline`, and
+receives interrupts through the ``raise_irq`` callback.  Guest memory is
+reached only through a :class:`~mdevcore.nvme.prp.DmaSpace`.
+
+Doorbells live in one array of 32-bit values (``doorbells``), index 2*qid
+for SQ tails and 2*qid+1 for CQ heads (CAP.DSTRD = 0).  The owner may pass
+memory shared with the guest (doorbells mmapped by the client, polled), or
+let the controller keep a private array that :meth:`mmio_write` fills
+(trapped doorbells).  Either way :meth:`process` compares each doorbell with
+the state it last acted on.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+
+from mdevcore.nvme import admin, nvm
+from mdevcore.nvme.features import Features
+from mdevcore.nvme.identify import ControllerConfig
+from mdevcore.nvme.interrupts import InterruptLogic
+from mdevcore.nvme.logpages import AsyncEvent, AsyncEvents, ErrorLog, SmartCounters
+from mdevcore.nvme.namespace import FileNamespace
+from mdevcore.nvme.prp import DmaSpace
+from mdevcore.nvme.queues import HELD, CompletionQueue, SubmissionQueue
+from mdevcore.nvme.spec import (
+    AER_INFO_INVALID_DOORBELL_REGISTER,
+    AER_INFO_INVALID_DOORBELL_VALUE,
+    CC_AMS_MASK,
+    CC_AMS_SHIFT,
+    CC_CSS_MASK,
+    CC_CSS_SHIFT,
+    CC_EN,
+    CC_MPS_MASK,
+    CC_MPS_SHIFT,
+    CC_SHN_MASK,
+    CC_SHN_SHIFT,
+    CC_WRITABLE,
+    CSTS_CFS,
+    CSTS_NSSRO,
+    CSTS_RDY,
+    CSTS_SHST_SHIFT,
+    DOORBELL_BASE,
+    NSSR_RESET_VALUE,
+    REG_ACQ,
+    REG_AQA,
+    REG_ASQ,
+    REG_CC,
+    REG_INTMC,
+    REG_INTMS,
+    REG_NSSR,
+    REGISTERS_SIZE,
+    SHST_COMPLETE,
+    VERSION_1_4,
+    AsyncEventType,
+    Generic,
+    LogId,
+    NvmeError,
+    StatusType,
+    status_field,
+)
+
+log = logging.getLogger(__name__)
+
+MPS_MIN = 0  # 4 KiB
+MPS_MAX = 4  # 64 KiB
+DOORBELL_PAGE = 4096
+
+# CAP, VS, INTMS, INTMC, CC, reserved, CSTS, NSSR, AQA, ASQ, ACQ
+_REGS = struct.Struct("<QIIIIIIIIQQ")
+
+
+class NvmeController:
+    """One NVMe controller with its namespaces (NSIDs 1..n, in list order)."""
+
+    def __init__(
+        self,
+        dma: DmaSpace,
+        namespaces: Sequence[FileNamespace],
+        raise_irq: Callable[[int], None],
+        *,
+        config: ControllerConfig | None = None,
+        doorbells: memoryview | None = None,
+        irq_vectors: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "nvme",
+    ) -> None:
+        self.config = config or ControllerConfig()
+        if not 2 <= self.config.max_queue_entries <= 65536:
+            raise ValueError("max_queue_entries must be 2..65536")
+        if (self.config.max_io_queues + 1) * 8 > DOORBELL_PAGE:
+            raise ValueError("too many queues for one doorbell page")
+        self.dma = dma
+        self.namespaces = list(namespaces)
+        self.name = name
+        self.clock = clock
+        self._irq_vectors = irq_vectors or (lambda: self.config.max_io_queues + 1)
+        if doorbells is None:
+            self._doorbell_mem: memoryview = memoryview(bytearray(DOORBELL_PAGE))
+            self.doorbells_shared = False
+        else:
+            if len(doorbells) < DOORBELL_PAGE:
+                raise ValueError("doorbell memory must be one page")
+            self._doorbell_mem = doorbells[:DOORBELL_PAGE]
+            self.doorbells_shared = True
+        self.doorbells = self._doorbell_mem.cast("B").cast("I")
+        self.irq = InterruptLogic(raise_irq, clock)
+        self.features = Features(self.config.max_io_queues)
+        self.events = AsyncEvents()
+        self.error_log = ErrorLog(self.config.error_log_entries)
+        self.smart = SmartCounters()
+        self.sqs: dict[int, SubmissionQueue] = {}
+        self.cqs: dict[int, CompletionQueue] = {}
+        self.cap = self._capabilities()
+        self.cc = 0
+        self.csts = 0
+        self.aqa = 0
+        self.asq = 0
+        self.acq = 0
+        self.page_size = 4096
+        self.last_keep_alive = clock()
+        self._rr_next = 0  # round-robin position among I/O SQs
+        self.commands_done = 0  # lifetime count, lets a poller see activity
+
+    def _capabilities(self) -> int:
+        cfg = self.config
+        return (
+            (cfg.max_queue_entries - 1)
+            | 1 << 16  # CQR: queues must be physically contiguous
+            | cfg.timeout_500ms << 24
+            | 1 << 36  # NSSRS: NVM subsystem reset supported
+            | 1 << 37  # CSS: NVM command set
+            | MPS_MIN << 48
+            | MPS_MAX << 52
+        )
+
+    def close(self) -> None:
+        """Drop the views of doorbell memory (so a shared mapping can be unmapped)."""
+        self.doorbells.release()
+        self._doorbell_mem.release()
+
+    # --- state queries ----------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.csts & CSTS_RDY)
+
+    def irq_vectors(self) -> int:
+        return self._irq_vectors()
+
+    def namespace(self, nsid: int) -> FileNamespace | None:
+        if 1 <= nsid <= len(self.namespaces):
+            return self.namespaces[nsid - 1]
+        return None
+
+    # --- registers ----------------------------------------------------------
+
+    def _register_image(self) -> bytes:
+        return _REGS.pack(
+            self.cap,
+            VERSION_1_4,
+            self.irq.mask,
+            self.irq.mask,
+            self.cc,
+            0,
+            self.csts,
+            0,
+            self.aqa,
+            self.asq,
+            self.acq,
+        )
+
+    def mmio_read(self, offset: int, size: int) -> bytes:
+        """Read BAR0 bytes; unknown registers and doorbells read as zero."""
+        image = self._register_image()
+        return (
+            image[offset : offset + size].ljust(size, b"\0") if offset < len(image) else bytes(size)
+        )
+
+    def mmio_write(self, offset: int, data: bytes) -> bool:
+        """Apply a BAR0 write; True when the write was a doorbell (process() has work)."""
+        if offset >= DOORBELL_BASE:
+            return self._doorbell_write(offset - DOORBELL_BASE, data)
+        end = offset + len(data)
+        if end > REGISTERS_SIZE:
+            return False
+        merged = bytearray(self._register_image().ljust(REGISTERS_SIZE, b"\0"))
+        merged[offset:end] = data
+        only_written = bytearray(REGISTERS_SIZE)
+        only_written[offset:end] = data
+
+        def touched(reg: int, width: int = 4) -> bool:
+            return offset < reg + width and end > reg
+
+        def value(buf: bytearray, reg: int, width: int = 4) -> int:
+            return int.from_bytes(buf[reg : reg + width], "little")
+
+        # INTMS/INTMC are write-1-to-set/clear: only the bytes written count.
+        if touched(REG_INTMS):
+            self.irq.set_mask(value(only_written, REG_INTMS))
+        if touched(REG_INTMC):
+            self.irq.clear_mask(value(only_written, REG_INTMC))
+        if touched(REG_AQA):
+            self.aqa = value(merged, REG_AQA) & 0x0FFF0FFF
+        if touched(REG_ASQ, 8):
+            self.asq = value(merged, REG_ASQ, 8) & ~0xFFF
+        if touched(REG_ACQ, 8):
+            self.acq = value(merged, REG_ACQ, 8) & ~0xFFF
+        if touched(REG_NSSR) and value(merged, REG_NSSR) == NSSR_RESET_VALUE:
+            log.info("%s: NVM subsystem reset", self.name)
+            self.reset()
+            self.csts |= CSTS_NSSRO
+            return False
+        if touched(REG_CC):
+            self._write_cc(value(merged, REG_CC) & CC_WRITABLE)
+        return False
+
+    def _write_cc(self, new: int) -> None:
+        old, self.cc = self.cc, new
+        if not old & CC_EN and new & CC_EN:
+            self._enable()
+        elif old & CC_EN and not new & CC_EN:
+            log.info("%s: controller reset (CC.EN 1->0)", self.name)
+            self._controller_reset()
+        old_shn = old >> CC_SHN_SHIFT & CC_SHN_MASK
+        new_shn = new >> CC_SHN_SHIFT & CC_SHN_MASK
+        if new_shn and not old_shn:
+            self._shutdown()
+        elif old_shn and not new_shn:
+            self.csts &= ~(0x3 << CSTS_SHST_SHIFT)
+
+    def _enable(self) -> None:
+        mps = self.cc >> CC_MPS_SHIFT & CC_MPS_MASK
+        css = self.cc >> CC_CSS_SHIFT & CC_CSS_MASK
+        ams = self.cc >> CC_AMS_SHIFT & CC_AMS_MASK
+        asqs, acqs = (self.aqa & 0xFFF) + 1, (self.aqa >> 16 & 0xFFF) + 1
+        problem = None
+        if not MPS_MIN <= mps <= MPS_MAX:
+            problem = f"CC.MPS {mps} unsupported"
+        elif css != 0 or ams != 0:
+            problem = f"CC.CSS {css} / CC.AMS {ams} unsupported"
+        elif asqs < 2 or acqs < 2:
+            problem = f"admin queue sizes {asqs}/{acqs} too small"
+        elif not self.asq or not self.acq:
+            problem = "admin queue addresses not set"
+        if problem:
+            log.warning("%s: enable failed: %s", self.name, problem)
+            self.csts |= CSTS_CFS
+            return
+        self.page_size = 4096 << mps
+        self.csts &= ~(0x3 << CSTS_SHST_SHIFT)
+        self.cqs[0] = CompletionQueue(0, self.acq, acqs, vector=0, irq_enabled=True)
+        self.sqs[0] = SubmissionQueue(0, self.asq, asqs, cqid=0)
+        self.cqs[0].sqids.add(0)
+        self.last_keep_alive = self.clock()
+        self.csts |= CSTS_RDY
+        log.info(
+            "%s: enabled, admin SQ %d / CQ %d entries, page %d",
+            self.name,
+            asqs,
+            acqs,
+            self.page_size,
+        )
+
+    def _controller_reset(self) -> None:
+        """Controller Level Reset: queues, features and events go; AQA/ASQ/ACQ stay."""
+        self.sqs.clear()
+        self.cqs.clear()
+        self.features.reset()
+        self.events.reset()
+        self.irq.reset()
+        self.doorbells[:] = memoryview(bytes(DOORBELL_PAGE)).cast("I")
+        self.csts &= ~(CSTS_RDY | CSTS_CFS)
+        self._rr_next = 0
+
+    def _shutdown(self) -> None:
+        for ns in self.namespaces:
+            ns.flush()
+        self.csts = self.csts & ~(0x3 << CSTS_SHST_SHIFT) | SHST_COMPLETE << CSTS_SHST_SHIFT
+        log.info("%s: shutdown complete", self.name)
+
+    def reset(self) -> None:
+        """Conventional reset (PCI function reset): every register to its power-on value."""
+        self._controller_reset()
+        self.cc = self.csts = self.aqa = self.asq = self.acq = 0
+        self.page_size = 4096
+
+    # --- doorbells --------------------------------------------------------
+
+    def _doorbell_write(self, offset: int, data: bytes) -> bool:
+        if offset % 4 or len(data) != 4 or offset >= DOORBELL_PAGE:
+            log.warning(
+                "%s: ignored doorbell write of %d bytes at %#x", self.name, len(data), offset
+            )
+            return False
+        index = offset // 4
+        qid, is_cq = divmod(index, 2)
+        if not self.ready or qid not in (self.cqs if is_cq else self.sqs):
+            log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
+            if self.ready:
+                self.post_event(
+                    AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_REGISTER, LogId.ERROR_INFO
+                )
+                return True
+            return False
+        self.doorbells[index] = int.from_bytes(data, "little")
+        return True
+
+    def _read_doorbells(self) -> None:
+        db = self.doorbells
+        for cq in self.cqs.values():
+            head = db[2 * cq.qid + 1]
+            if head == cq.head:
+                continue
+            if head >= cq.size:
+                if cq.bad_head != head:
+                    cq.bad_head = head
+                    self._invalid_doorbell_value("CQ", cq.qid, head)
+                continue
+            cq.head = head
+        for sq in self.sqs.values():
+            tail = db[2 * sq.qid]
+            if tail == sq.tail:
+                continue
+            if tail >= sq.size:
+                if sq.bad_tail != tail:
+                    sq.bad_tail = tail
+                    self._invalid_doorbell_value("SQ", sq.qid, tail)
+                continue
+            sq.tail = tail
+
+    def _invalid_doorbell_value(self, kind: str, qid: int, value: int) -> None:
+        log.warning("%s: invalid %s %d doorbell value %d", self.name, kind, qid, value)
+        self.post_event(AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_VALUE, LogId.ERROR_INFO)
+
+    # --- processing -------------------------------------------------------
+
+    def process(self, budget: int = 256) -> bool:
+        """Execute up to ``budget`` commands; True if more work is waiting.
+
+        The admin queue goes first, then the I/O queues round-robin, each
+        taking up to the arbitration burst (2**AB commands) per turn.  A
+        queue whose CQ is full waits for the host to move the CQ head.
+        """
+        if not self.ready:
+            return False
+        self._read_doorbells()
+        for cq in self.cqs.values():
+            if cq.overflow:
+                self._guarded(cq, cq.flush_overflow)
+        self._deliver_events()
+        done = 0
+        admin_sq = self.sqs.get(0)
+        while admin_sq is not None and done < budget and self._runnable(admin_sq):
+            self._execute_one(admin_sq)
+            done += 1
+            admin_sq = self.sqs.get(0)
+        burst = 1 << (self.features.arbitration & 0x7)
+        io_sqs = [sq for qid, sq in sorted(self.sqs.items()) if qid]
+        # Rotate so the queue after the last one served goes first.
+        start = next((i for i, sq in enumerate(io_sqs) if sq.qid >= self._rr_next), 0)
+        io_sqs = io_sqs[start:] + io_sqs[:start]
+        progress = True
+        while progress and done < budget:
+            progress = False
+            for sq in io_sqs:
+                taken = 0
+                while taken < burst and done < budget and self._runnable(sq):
+                    self._execute_one(sq)
+                    taken += 1
+                    done += 1
+                if taken:
+                    progress = True
+                    self._rr_next = sq.qid + 1
+        self._signal_completions()
+        return any(self._runnable(sq) for sq in self.sqs.values())
+
+    def _runnable(self, sq: SubmissionQueue) -> bool:
+        cq = self.cqs.get(sq.cqid)
+        return sq.pending and cq is not None and not cq.full and not cq.overflow and self.ready
+
+    def _execute_one(self, sq: SubmissionQueue) -> None:
+        self.commands_done += 1
+        try:
+            cmd = sq.fetch(self.dma)
+        except NvmeError as exc:
+            # The SQ itself is unreadable: a fatal condition for this controller.
+            log.error("%s: cannot fetch from SQ %d: %s", self.name, sq.qid, exc)
+            self.csts |= CSTS_CFS
+            return
+        status, dw0 = 0, 0
+        try:
+            if cmd.fuse:
+                raise NvmeError(
+                    StatusType.GENERIC, Generic.INVALID_FIELD, "fused operations unsupported"
+                )
+            if cmd.psdt:
+                raise NvmeError(StatusType.GENERIC, Generic.INVALID_FIELD, "SGLs unsupported")
+            result = admin.execute(self, cmd) if sq.qid == 0 else nvm.execute(self, sq.qid, cmd)
+            if result is HELD:
+                return
+            dw0 = int(result)  # type: ignore[call-overload]
+        except NvmeError as exc:
+            status = exc.status
+            log.info(
+                "%s: SQ %d cid %d opcode %#x failed: %s",
+                self.name,
+                sq.qid,
+                cmd.cid,
+                cmd.opcode,
+                exc,
+            )
+            self.error_log.record(sq.qid, cmd.cid, status, nsid=cmd.nsid)
+        except Exception:
+            log.exception(
+                "%s: SQ %d cid %d opcode %#x crashed", self.name, sq.qid, cmd.cid, cmd.opcode
+            )
+            status = status_field(StatusType.GENERIC, Generic.INTERNAL_ERROR)
+            self.error_log.record(sq.qid, cmd.cid, status, nsid=cmd.nsid)
+        self.complete(sq, cmd.cid, status, dw0)
+
+    def complete(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:
+        """Post a completion for a command of ``sq`` (its CQ has room: checked by callers)."""
+        cq = self.cqs.get(sq.cqid)
+        if cq is None:
+            return
+        if cq.full or cq.overflow:
+            cq.overflow.append((dw0, sq.head, sq.qid, cid, status))
+            return
+        self._guarded(cq, lambda dma: cq.post(dma, dw0, sq.head, sq.qid, cid, status))
+
+    def _guarded(self, cq: CompletionQueue, post: Callable[[DmaSpace], None]) -> None:
+        try:
+            post(self.dma)
+        except NvmeError as exc:
+            # The CQ itself is outside guest memory: nothing sensible remains.
+            log.error("%s: cannot post to CQ %d: %s", self.name, cq.qid, exc)
+            self.csts |= CSTS_CFS
+
+    def _signal_completions(self) -> None:
+        for cq in self.cqs.values():
+            if cq.posted:
+                count, cq.posted = cq.posted, 0
+                if cq.irq_enabled:
+                    self.irq.completions_posted(cq.vector, count, coalescible=cq.qid != 0)
+
+    # --- asynchronous events ----------------------------------------------
+
+    def post_event(self, event_type: AsyncEventType, info: int, log_id: int) -> None:
+        """Report an asynchronous event (completes a held AER when one is outstanding)."""
+        self.events.post(AsyncEvent(event_type, info, log_id))
+        if self.ready:
+            self._deliver_events()
+            self._signal_completions()
+
+    def _deliver_events(self) -> None:
+        admin_sq, admin_cq = self.sqs.get(0), self.cqs.get(0)
+        if admin_sq is None or admin_cq is None or admin_cq.full:
+            return
+        for cid, event in self.events.ready():
+            self.complete(admin_sq, cid, 0, event.dw0)
+            if admin_cq.full:
+                break
+
+    # --- timers -------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which :meth:`tick` has work (interrupt aggregation, keep-alive)."""
+        deadlines = [d for d in (self.irq.next_deadline(), self._keep_alive_deadline()) if d]
+        return min(deadlines) if deadlines else None
+
+    def _keep_alive_deadline(self) -> float | None:
+        if not self.ready or not self.features.keep_alive_ms:
+            return None
+        return self.last_keep_alive + self.features.keep_alive_ms / 1000
+
+    def tick(self) -> None:
+        self.irq.tick()
+        deadline = self._keep_alive_deadline()
+        if deadline is not None and self.clock() >= deadline and not self.csts & CSTS_CFS:
+            log.error("%s: keep-alive timeout expired", self.name)
+            self.csts |= CSTS_CFS

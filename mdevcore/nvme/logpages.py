@@ -1,0 +1,163 @@
+"""Log pages (error information, SMART/health, firmware slot) and async events."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import struct
+
+from mdevcore.nvme.spec import AsyncEventType, LogId
+
+ERROR_ENTRY_SIZE = 64
+SMART_SIZE = 512
+FIRMWARE_SLOT_SIZE = 512
+
+
+@dataclasses.dataclass(slots=True)
+class ErrorEntry:
+    count: int
+    sqid: int
+    cid: int
+    status: int
+    lba: int
+    nsid: int
+
+    def encode(self) -> bytes:
+        # status field keeps the phase-bit position (bit 0) as in the CQE
+        raw = struct.pack(
+            "<QHHHHQI",
+            self.count,
+            self.sqid,
+            self.cid,
+            self.status << 1,
+            0xFFFF,
+            self.lba,
+            self.nsid,
+        )
+        return raw.ljust(ERROR_ENTRY_SIZE, b"\0")
+
+
+class ErrorLog:
+    """The newest ``capacity`` failed commands, newest first when read."""
+
+    def __init__(self, capacity: int) -> None:
+        self.count = 0  # lifetime errors; entry counts are 1-based and unique
+        self._entries: collections.deque[ErrorEntry] = collections.deque(maxlen=capacity)
+        self._capacity = capacity
+
+    def record(self, sqid: int, cid: int, status: int, lba: int = 0, nsid: int = 0) -> None:
+        self.count += 1
+        self._entries.appendleft(ErrorEntry(self.count, sqid, cid, status, lba, nsid))
+
+    def page(self) -> bytes:
+        raw = b"".join(e.encode() for e in self._entries)
+        return raw.ljust(self._capacity * ERROR_ENTRY_SIZE, b"\0")
+
+
+@dataclasses.dataclass(slots=True)
+class SmartCounters:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    read_commands: int = 0
+    write_commands: int = 0
+    power_cycles: int = 1
+    unsafe_shutdowns: int = 0
+    critical_warning: int = 0
+    temperature_k: int = 313
+
+    def page(self, error_count: int) -> bytes:
+        data = bytearray(SMART_SIZE)
+        data[0] = self.critical_warning
+        struct.pack_into("<HBB", data, 1, self.temperature_k, 100, 10)
+
+        def u128(offset: int, value: int) -> None:
+            data[offset : offset + 16] = value.to_bytes(16, "little")
+
+        # Data units are thousands of 512-byte units, rounded up.
+        u128(32, -(-self.bytes_read // 512_000))
+        u128(48, -(-self.bytes_written // 512_000))
+        u128(64, self.read_commands)
+        u128(80, self.write_commands)
+        u128(112, self.power_cycles)
+        u128(144, self.unsafe_shutdowns)
+        u128(176, error_count)
+        return bytes(data)
+
+
+def firmware_slot_page(firmware: str) -> bytes:
+    data = bytearray(FIRMWARE_SLOT_SIZE)
+    data[0] = 1  # active firmware in slot 1
+    data[8:16] = firmware.encode("ascii", "replace")[:8].ljust(8, b" ")
+    return bytes(data)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AsyncEvent:
+    type: AsyncEventType
+    info: int
+    log_id: int
+
+    @property
+    def dw0(self) -> int:
+        return int(self.type) | (self.info & 0xFF) << 8 | (self.log_id & 0xFF) << 16
+
+
+# Which log page clears the mask of an event type when read with RAE=0.
+EVENT_LOG = {
+    AsyncEventType.ERROR: LogId.ERROR_INFO,
+    AsyncEventType.SMART: LogId.SMART,
+}
+
+
+# SMART event info (reliability, temperature, spare) -> its critical-warning config bit
+_SMART_INFO_TO_CONFIG_BIT = {0: 2, 1: 1, 2: 0}
+
+
+class AsyncEvents:
+    """Queued events and the host's outstanding Asynchronous Event Requests.
+
+    Once an event of some type is reported, further events of that type stay
+    queued until the host reads the matching log page (with RAE cleared).
+    """
+
+    def __init__(self) -> None:
+        self.requests: collections.deque[int] = collections.deque()  # held AER command ids
+        self.queued: collections.deque[AsyncEvent] = collections.deque()
+        self.masked: set[AsyncEventType] = set()
+        self.config = 0  # Asynchronous Event Configuration feature value
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.queued.clear()
+        self.masked.clear()
+        self.config = 0
+
+    def enabled(self, event: AsyncEvent) -> bool:
+        if event.type == AsyncEventType.SMART:
+            bit = _SMART_INFO_TO_CONFIG_BIT.get(event.info)
+            return bit is not None and bool(self.config >> bit & 1)
+        if event.type == AsyncEventType.NOTICE:
+            return bool(self.config >> (8 + event.info) & 1)
+        return True  # error events cannot be disabled
+
+    def post(self, event: AsyncEvent) -> None:
+        if self.enabled(event):
+            self.queued.append(event)
+
+    def ready(self) -> list[tuple[int, AsyncEvent]]:
+        """Pair held requests with reportable events; masks their types."""
+        out = []
+        for event in list(self.queued):
+            if not self.requests:
+                break
+            if event.type in self.masked:
+                continue
+            self.queued.remove(event)
+            self.masked.add(event.type)
+            out.append((self.requests.popleft(), event))
+        return out
+
+    def log_read(self, log_id: int) -> None:
+        for event_type, lid in EVENT_LOG.items():
+            if lid == log_id:
+                self.masked.discard(event_type)

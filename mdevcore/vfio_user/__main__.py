@@ -1,0 +1,56 @@
+"""Standalone runner: ``python -m mdevcore.vfio_user --device pkg.mod:Class --socket PATH``.
+
+Builds the device with no arguments, serves it until SIGTERM/SIGINT and
+exits 0 after removing the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from functools import partial
+
+import trio
+
+from mdevcore.vfio_user.backend import DeviceBackend
+from mdevcore.vfio_user.server import DEFAULT_SPIN_US, serve_forever
+
+
+def load_device(spec: str) -> DeviceBackend:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"--device wants pkg.module:Class, got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    device = factory()
+    if not isinstance(device, DeviceBackend):
+        raise SystemExit(f"{spec} did not build a DeviceBackend")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mdevcore.vfio_user", description=__doc__)
+    parser.add_argument("--device", required=True, help="pkg.module:Class of a DeviceBackend")
+    parser.add_argument("--socket", required=True, help="UNIX socket path to listen on")
+    parser.add_argument("--name", default=None, help="name used in logs (default: the class)")
+    parser.add_argument(
+        "--spin-us",
+        type=float,
+        default=DEFAULT_SPIN_US,
+        help="poll this long for the next request before sleeping (0 = never)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every request error")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    device = load_device(args.device)
+    name = args.name or args.device.rpartition(":")[2]
+    trio.run(partial(serve_forever, device, args.socket, name=name, spin_us=args.spin_us))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

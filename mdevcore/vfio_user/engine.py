@@ -1,0 +1,738 @@
+"""The vfio-user connection engine: bytes and fds in, backend calls, bytes out.
+
+No sockets here (h11 style).  The server feeds what it received with
+``receive_data`` and calls ``process``; the engine parses every whole
+message, calls the backend once per request, queues replies, and reports
+replies to the server's own DMA_READ/DMA_WRITE requests as ``DmaResult``
+events.  ``outgoing`` hands back what to send, split so that a message
+carrying fds always starts its own sendmsg (the receiver binds fds to the
+first byte of a sendmsg).
+
+The client is untrusted.  Structure (sizes, argsz, flags, fd counts) is
+checked here; device knowledge (index, offset, overlap) is the backend's,
+which raises OSError(errno).  Nothing raised by a backend escapes: an
+OSError becomes its errno, anything else is logged and answered EIO.
+A message that cannot be framed (msg_size < 16 or too big) or a failed
+VERSION negotiation ends the connection (``closed`` becomes true).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mdevcore.vfio_user import wire
+from mdevcore.vfio_user.backend import (
+    DEVICE_FEATURE_GET,
+    DEVICE_FEATURE_MASK,
+    DEVICE_FEATURE_PROBE,
+    DEVICE_FEATURE_SET,
+    DMA_MAP_FLAG_READ,
+    DMA_MAP_FLAG_WRITE,
+    DMA_UNMAP_FLAG_ALL,
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_BOOL,
+    IRQ_SET_DATA_EVENTFD,
+    IRQ_SET_DATA_NONE,
+    REGION_FLAG_MMAP,
+    DeviceBackend,
+    DmaMapping,
+)
+from mdevcore.vfio_user.constants import (
+    CLIENT_MAX_MSG_FDS_LIMIT,
+    DEFAULT_MAX_DATA_XFER_SIZE,
+    DEFAULT_MAX_MSG_FDS,
+    DMA_MAP_FLAG_FILE_IO,
+    DMA_MAP_FLAG_MMAP,
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAG_REPLY,
+    FLAG_TYPE_MASK,
+    HEADER_SIZE,
+    MSG_SIZE_SLACK,
+    SERVER_MAX_DATA_XFER_SIZE,
+    SERVER_MAX_DMA_MAPS,
+    SERVER_MAX_MSG_FDS,
+    SERVER_PGSIZES,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+    WRITE_MULTI_DATA_SIZE,
+    WRITE_MULTI_MAX,
+    Command,
+)
+from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS, RawMessage
+
+log = logging.getLogger(__name__)
+
+_DMA_MAP_KNOWN = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE | DMA_MAP_FLAG_MMAP | DMA_MAP_FLAG_FILE_IO
+_IRQ_DATA = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD
+_IRQ_ACTION = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER
+_FEATURE_KNOWN = (
+    DEVICE_FEATURE_MASK | DEVICE_FEATURE_GET | DEVICE_FEATURE_SET | DEVICE_FEATURE_PROBE
+)
+
+
+class RequestError(Exception):
+    """A request fails with ``errno``; ``close`` also ends the connection."""
+
+    def __init__(self, errno_value: int, why: str, *, close: bool = False) -> None:
+        super().__init__(why)
+        self.errno = errno_value
+        self.close = close
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DmaResult:
+    """The client answered our DMA_READ/DMA_WRITE ``msg_id``.
+
+    ``error`` is 0 on success; ``data`` is what a DMA_READ returned.
+    """
+
+    msg_id: int
+    error: int
+    data: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientCaps:
+    """What the client announced in VERSION (defaults when absent)."""
+
+    major: int = 0
+    minor: int = 0
+    max_msg_fds: int = DEFAULT_MAX_MSG_FDS
+    max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
+    migration_pgsize: int | None = None
+    write_multiple: bool = False
+
+
+def _bad(why: str) -> RequestError:
+    return RequestError(errno.EINVAL, why)
+
+
+def _int_cap(caps: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    if key not in caps:
+        return default
+    value = caps[key]
+    # bool is an int in Python; JSON true is not a number.
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _bad(f"capability {key}={value!r} refused")
+    return value
+
+
+def parse_version_json(raw: bytes) -> dict[str, Any]:
+    """The capabilities object of a VERSION payload (after major/minor).
+
+    Rules as libvfio-user: the JSON must be NUL terminated and parse; a
+    missing "capabilities" is fine; typed values are checked; unknown keys
+    (including QEMU's legacy "migration" object) are accepted.
+    """
+    if not raw:
+        return {}
+    if raw[-1] != 0:
+        raise _bad("VERSION JSON not NUL terminated")
+    try:
+        top = json.loads(raw[:-1].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _bad(f"VERSION JSON does not parse: {e}") from None
+    if not isinstance(top, dict):
+        raise _bad("VERSION JSON is not an object")
+    caps = top.get("capabilities", {})
+    if not isinstance(caps, dict):
+        raise _bad("capabilities is not an object")
+    return caps
+
+
+def caps_from_json(major: int, minor: int, caps: dict[str, Any]) -> ClientCaps:
+    max_fds = _int_cap(caps, "max_msg_fds", DEFAULT_MAX_MSG_FDS, 0, CLIENT_MAX_MSG_FDS_LIMIT)
+    xfer = _int_cap(caps, "max_data_xfer_size", DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 62)
+    _int_cap(caps, "pgsizes", SERVER_PGSIZES, 1, (1 << 64) - 1)
+    _int_cap(caps, "max_dma_maps", SERVER_MAX_DMA_MAPS, 0, (1 << 64) - 1)
+    pgsize = None
+    mig = caps.get("migration")
+    if mig is not None:
+        if not isinstance(mig, dict):
+            raise _bad("migration capability is not an object")
+        if "pgsize" in mig:
+            pgsize = _int_cap(mig, "pgsize", 0, 1, 1 << 62)
+        _int_cap(mig, "max_bitmap_size", 0, 0, (1 << 64) - 1)
+    wm = caps.get("write_multiple", False)
+    if not isinstance(wm, bool):
+        raise _bad("write_multiple is not a boolean")
+    return ClientCaps(major, minor, max_fds, xfer, pgsize, wm)
+
+
+def server_caps_json() -> bytes:
+    caps = {
+        "capabilities": {
+            "max_msg_fds": SERVER_MAX_MSG_FDS,
+            "max_data_xfer_size": SERVER_MAX_DATA_XFER_SIZE,
+            "pgsizes": SERVER_PGSIZES,
+            "max_dma_maps": SERVER_MAX_DMA_MAPS,
+            "write_multiple": True,
+        }
+    }
+    return json.dumps(caps, separators=(",", ":")).encode() + b"\0"
+
+
+_Handler = Callable[["Connection", RawMessage], tuple[bytes, Sequence[int]]]
+
+
+class Connection:
+    """One client connection's protocol state (sans-IO).
+
+    ``name`` says which device and client in every log line.
+    """
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        *,
+        name: str = "vfio-user",
+        max_data_xfer_size: int = SERVER_MAX_DATA_XFER_SIZE,
+    ) -> None:
+        self.backend = backend
+        self.name = name
+        self.max_data_xfer_size = max_data_xfer_size
+        self.framer = wire.Framer(max_data_xfer_size + MSG_SIZE_SLACK)
+        self.negotiated = False
+        self.client_caps = ClientCaps()
+        self.closed = False
+        self.close_reason = ""
+        # Output: segments of (buffers, fds); a segment with fds starts with
+        # the message those fds belong to.
+        self._out: list[tuple[list[bytes], list[int]]] = []
+        self._next_dma_id = 0
+        self._dma_pending: dict[int, tuple[int, int, int]] = {}  # id -> cmd, addr, count
+
+    # --- input ----------------------------------------------------------
+
+    def receive_data(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> None:
+        if self.closed:
+            wire.close_fds(fds)
+            return
+        self.framer.feed(data, fds)
+
+    def process(self) -> list[DmaResult]:
+        """Handle every whole message buffered; return DMA replies seen."""
+        results: list[DmaResult] = []
+        framer = self.framer
+        while not self.closed:
+            if self.negotiated and not framer.holds_fds:
+                self._fast_region_accesses()
+            try:
+                msg = framer.next_message()
+            except wire.FramingError as e:
+                self._close(str(e))
+                break
+            if msg is None:
+                break
+            try:
+                if msg.flags & FLAG_TYPE_MASK == FLAG_REPLY:
+                    result = self._on_reply(msg)
+                    if result is not None:
+                        results.append(result)
+                else:
+                    self._on_request(msg)
+            finally:
+                if msg.fds:
+                    wire.close_fds(msg.fds)
+        return results
+
+    def _fast_region_accesses(self) -> None:
+        """REGION_READ/WRITE straight from the buffer, the common case.
+
+        Handles messages until one is unusual - another command, incomplete,
+        odd-sized, a reply - and leaves that one to the general path with
+        its full checks.  The device is called exactly once per message:
+        the message is consumed first and a failure is answered here.
+        """
+        framer = self.framer
+        backend = self.backend
+        limit = self.max_data_xfer_size
+        pack = HEADER.pack
+        queue = self._queue
+        while True:
+            buf, pos, avail = framer.peek()
+            if avail < 32:
+                return
+            msg_id, command, size, flags, _ = HEADER.unpack_from(buf, pos)
+            if avail < size or flags & FLAG_TYPE_MASK:
+                return
+            if command == Command.REGION_READ and size == 32:
+                head = bytes(buf[pos + HEADER_SIZE : pos + 32])
+                offset, region, count = REGION_ACCESS.unpack(head)
+                if count > limit:
+                    return
+                framer.consume(32)
+                try:
+                    data = backend.region_read(region, offset, count)
+                    if len(data) != count:
+                        raise OSError(errno.EIO, f"device read {len(data)} of {count} bytes")
+                except Exception as e:
+                    self._fast_fail(msg_id, command, flags, e)
+                    continue
+                if not flags & FLAG_NO_REPLY:
+                    queue(pack(msg_id, command, 32 + count, FLAG_REPLY, 0) + head + data)
+            elif command == Command.REGION_WRITE and size >= 32:
+                offset, region, count = REGION_ACCESS.unpack_from(buf, pos + HEADER_SIZE)
+                if count != size - 32 or count > limit:
+                    return
+                head = bytes(buf[pos + HEADER_SIZE : pos + 32])
+                data = bytes(buf[pos + 32 : pos + size])
+                framer.consume(size)
+                try:
+                    backend.region_write(region, offset, data)
+                except Exception as e:
+                    self._fast_fail(msg_id, command, flags, e)
+                    continue
+                if not flags & FLAG_NO_REPLY:
+                    queue(pack(msg_id, command, 32, FLAG_REPLY, 0) + head)
+            else:
+                return
+
+    def _fast_fail(self, msg_id: int, command: int, flags: int, e: Exception) -> None:
+        msg = RawMessage(msg_id, command, flags, 0, b"", [])
+        if isinstance(e, OSError):
+            self._fail(msg, e.errno or errno.EIO, e.strerror or str(e))
+        else:
+            log.error(
+                "%s: device failed on command %d (msg %#x)", self.name, command, msg_id, exc_info=e
+            )
+            self._fail(msg, errno.EIO, "device error")
+
+    # --- output ---------------------------------------------------------
+
+    def outgoing(self) -> list[tuple[list[bytes], list[int]]]:
+        """Take what is queued to send: [(buffers, fds)], one sendmsg each."""
+        out = self._out
+        self._out = []
+        return out
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def _queue(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if fds or not self._out:
+            self._out.append(([data], list(fds)))
+        else:
+            self._out[-1][0].append(data)
+
+    # --- server-originated DMA -------------------------------------------
+
+    def dma_read_request(self, address: int, count: int) -> int:
+        """Queue a DMA_READ; returns the msg_id its DmaResult will carry."""
+        return self._dma_request(Command.DMA_READ, address, count, b"")
+
+    def dma_write_request(self, address: int, data: bytes) -> int:
+        return self._dma_request(Command.DMA_WRITE, address, len(data), data)
+
+    def _dma_request(self, command: int, address: int, count: int, data: bytes) -> int:
+        if self.closed or not self.negotiated:
+            raise OSError(errno.ENOTCONN, "no negotiated client")
+        if count > self.client_caps.max_data_xfer_size:
+            raise OSError(errno.E2BIG, "DMA transfer larger than the client accepts")
+        if not 0 <= address < 1 << 64 or address + count > 1 << 64:
+            raise OSError(errno.EINVAL, "DMA address out of range")
+        msg_id = self._next_dma_id
+        while msg_id in self._dma_pending:
+            msg_id = (msg_id + 1) & 0xFFFF
+        self._next_dma_id = (msg_id + 1) & 0xFFFF
+        self._dma_pending[msg_id] = (command, address, count)
+        body = wire.DMA_ACCESS.pack(address, count) + data
+        self._queue(HEADER.pack(msg_id, command, HEADER_SIZE + len(body), 0, 0) + body)
+        return msg_id
+
+    def _on_reply(self, msg: RawMessage) -> DmaResult | None:
+        pending = self._dma_pending.pop(msg.msg_id, None)
+        if pending is None or pending[0] != msg.command:
+            if pending is not None:
+                self._dma_pending[msg.msg_id] = pending
+            log.warning(
+                "%s: unsolicited reply msg %#x cmd %d dropped", self.name, msg.msg_id, msg.command
+            )
+            return None
+        command, address, count = pending
+        if msg.fds:
+            log.warning("%s: DMA reply %#x carried fds; closed", self.name, msg.msg_id)
+        if msg.flags & FLAG_ERROR:
+            return DmaResult(msg.msg_id, msg.error or errno.EIO)
+        p = msg.payload
+        if len(p) < wire.DMA_ACCESS.size:
+            return DmaResult(msg.msg_id, errno.EIO)
+        r_addr, r_count = wire.DMA_ACCESS.unpack_from(p)
+        data = p[wire.DMA_ACCESS.size :]
+        if command == Command.DMA_READ:
+            if r_addr != address or r_count != count or len(data) != count:
+                log.warning(
+                    "%s: DMA_READ reply %#x does not match its request", self.name, msg.msg_id
+                )
+                return DmaResult(msg.msg_id, errno.EIO)
+            return DmaResult(msg.msg_id, 0, data)
+        if r_addr != address or r_count != count:
+            log.warning("%s: DMA_WRITE reply %#x does not match its request", self.name, msg.msg_id)
+            return DmaResult(msg.msg_id, errno.EIO)
+        return DmaResult(msg.msg_id, 0)
+
+    def fail_pending_dma(self) -> list[DmaResult]:
+        """On disconnect: every outstanding DMA request fails ENOTCONN."""
+        out = [DmaResult(i, errno.ENOTCONN) for i in self._dma_pending]
+        self._dma_pending.clear()
+        return out
+
+    # --- requests ---------------------------------------------------------
+
+    def _on_request(self, msg: RawMessage) -> None:
+        command = msg.command
+        try:
+            if not self.negotiated:
+                if command != Command.VERSION:
+                    raise RequestError(errno.EINVAL, "request before VERSION", close=True)
+                payload, fds = self._version(msg)
+            else:
+                handler = _HANDLERS.get(command)
+                if handler is None:
+                    raise _bad(f"unknown or misdirected command {command}")
+                if msg.fds and (command not in _FD_COMMANDS or len(msg.fds) > SERVER_MAX_MSG_FDS):
+                    raise _bad(f"{len(msg.fds)} fds with command {command}")
+                payload, fds = handler(self, msg)
+        except RequestError as e:
+            self._fail(msg, e.errno, str(e))
+            if e.close:
+                self._close(str(e))
+            return
+        except OSError as e:
+            self._fail(msg, e.errno or errno.EIO, e.strerror or str(e))
+            return
+        except Exception:
+            log.exception(
+                "%s: device failed on command %d (msg %#x)", self.name, command, msg.msg_id
+            )
+            self._fail(msg, errno.EIO, "device error")
+            return
+        if not msg.flags & FLAG_NO_REPLY:
+            self._queue(
+                HEADER.pack(msg.msg_id, command, HEADER_SIZE + len(payload), FLAG_REPLY, 0)
+                + payload,
+                fds,
+            )
+
+    def _fail(self, msg: RawMessage, errno_value: int, why: str) -> None:
+        # Log at debug for the cheap, expected refusals; the errno goes back.
+        log.info(
+            "%s: msg %#x cmd %d failed: %s (%s)",
+            self.name,
+            msg.msg_id,
+            msg.command,
+            errno.errorcode.get(errno_value, str(errno_value)),
+            why,
+        )
+        if not msg.flags & FLAG_NO_REPLY:
+            self._queue(wire.error_reply(msg.msg_id, msg.command, errno_value))
+
+    def _close(self, why: str) -> None:
+        if not self.closed:
+            log.warning("%s: closing connection: %s", self.name, why)
+        self.closed = True
+        self.close_reason = why
+        self.framer.close()
+
+    # --- VERSION ----------------------------------------------------------
+
+    def _version(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        def refuse(why: str) -> RequestError:
+            return RequestError(errno.EINVAL, why, close=True)
+
+        if msg.fds:
+            raise refuse("VERSION with fds")
+        p = msg.payload
+        if len(p) < wire.VERSION_HEAD_SIZE:
+            raise refuse("VERSION too short")
+        head = wire.VersionHead.parse(p[: wire.VERSION_HEAD_SIZE])
+        if head.major != VERSION_MAJOR:
+            raise refuse(f"client major {head.major}, ours {VERSION_MAJOR}")
+        try:
+            caps = caps_from_json(head.major, head.minor, parse_version_json(p[4:]))
+        except RequestError as e:
+            raise refuse(str(e)) from None
+        self.client_caps = caps
+        self.negotiated = True
+        log.info(
+            "%s: client version %d.%d, max_msg_fds %d, max_data_xfer_size %d",
+            self.name,
+            head.major,
+            head.minor,
+            caps.max_msg_fds,
+            caps.max_data_xfer_size,
+        )
+        minor = min(head.minor, VERSION_MINOR)
+        return wire.VersionHead.build(
+            {"major": VERSION_MAJOR, "minor": minor}
+        ) + server_caps_json(), ()
+
+    # --- region access (hot path) ----------------------------------------
+
+    def _region_read(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) != REGION_ACCESS.size:
+            raise _bad("REGION_READ body size")
+        offset, region, count = REGION_ACCESS.unpack(p)
+        if count > self.max_data_xfer_size:
+            raise _bad(f"REGION_READ count {count} above max_data_xfer_size")
+        data = self.backend.region_read(region, offset, count)
+        if len(data) != count:
+            log.error(
+                "%s: region %d read returned %d bytes, not %d", self.name, region, len(data), count
+            )
+            raise OSError(errno.EIO, "short device read")
+        return p + data, ()
+
+    def _region_write(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < REGION_ACCESS.size:
+            raise _bad("REGION_WRITE body too short")
+        offset, region, count = REGION_ACCESS.unpack_from(p)
+        if count > self.max_data_xfer_size or len(p) != REGION_ACCESS.size + count:
+            raise _bad("REGION_WRITE count does not match its data")
+        self.backend.region_write(region, offset, p[REGION_ACCESS.size :])
+        return p[: REGION_ACCESS.size], ()
+
+    def _write_multi(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.WRITE_MULTI_COUNT.size:
+            raise _bad("REGION_WRITE_MULTI body too short")
+        (n,) = wire.WRITE_MULTI_COUNT.unpack_from(p)
+        if not 1 <= n <= WRITE_MULTI_MAX:
+            raise _bad(f"REGION_WRITE_MULTI wr_cnt {n}")
+        if len(p) != wire.WRITE_MULTI_COUNT.size + n * wire.WRITE_MULTI_ENTRY.size:
+            raise _bad("REGION_WRITE_MULTI size does not match wr_cnt")
+        entries = list(wire.WRITE_MULTI_ENTRY.iter_unpack(p[wire.WRITE_MULTI_COUNT.size :]))
+        for _offset, _region, count, _data in entries:
+            if not 1 <= count <= WRITE_MULTI_DATA_SIZE:
+                raise _bad(f"REGION_WRITE_MULTI entry count {count}")
+        for offset, region, count, data in entries:
+            self.backend.region_write(region, offset, data[:count])
+        return p[: wire.WRITE_MULTI_COUNT.size], ()
+
+    # --- info -------------------------------------------------------------
+
+    def _device_info(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.DEVICE_INFO_SIZE:
+            raise _bad("DEVICE_GET_INFO body too short")
+        req = wire.DeviceInfoMsg.parse(p[: wire.DEVICE_INFO_SIZE])
+        if req.argsz < wire.DEVICE_INFO_SIZE:
+            raise _bad(f"DEVICE_GET_INFO argsz {req.argsz}")
+        info = self.backend.device_info()
+        return wire.DeviceInfoMsg.build(
+            {
+                "argsz": wire.DEVICE_INFO_SIZE,
+                "flags": info.flags,
+                "num_regions": info.num_regions,
+                "num_irqs": info.num_irqs,
+            }
+        ), ()
+
+    def _region_info(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.REGION_INFO_SIZE:
+            raise _bad("GET_REGION_INFO body too short")
+        req = wire.RegionInfoMsg.parse(p[: wire.REGION_INFO_SIZE])
+        if req.argsz < wire.REGION_INFO_SIZE:
+            raise _bad(f"GET_REGION_INFO argsz {req.argsz}")
+        info = self.backend.region_info(req.index)
+        payload, complete = wire.region_info_reply(info, req.argsz)
+        # The fd goes with the complete answer only: QEMU asks twice when
+        # there are capabilities and would otherwise get (and leak) two.
+        fds = (
+            [info.fd] if complete and info.fd is not None and info.flags & REGION_FLAG_MMAP else []
+        )
+        if len(fds) > self.client_caps.max_msg_fds:
+            raise OSError(errno.EINVAL, "client accepts no fds but the region needs one")
+        return payload, fds
+
+    def _region_io_fds(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.REGION_IO_FDS_SIZE:
+            raise _bad("GET_REGION_IO_FDS body too short")
+        req = wire.RegionIoFds.parse(p[: wire.REGION_IO_FDS_SIZE])
+        if req.argsz < wire.REGION_IO_FDS_SIZE:
+            raise _bad(f"GET_REGION_IO_FDS argsz {req.argsz}")
+        if req.flags:
+            raise _bad("GET_REGION_IO_FDS flags must be 0")
+        self.backend.region_info(req.index)  # validates the index
+        # No ioeventfd offload yet: every region reports zero sub-regions.
+        return wire.RegionIoFds.build(
+            {"argsz": wire.REGION_IO_FDS_SIZE, "flags": 0, "index": req.index, "count": 0}
+        ), ()
+
+    def _irq_info(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.IRQ_INFO_SIZE:
+            raise _bad("GET_IRQ_INFO body too short")
+        req = wire.IrqInfoMsg.parse(p[: wire.IRQ_INFO_SIZE])
+        if req.argsz < wire.IRQ_INFO_SIZE:
+            raise _bad(f"GET_IRQ_INFO argsz {req.argsz}")
+        info = self.backend.irq_info(req.index)
+        return wire.IrqInfoMsg.build(
+            {
+                "argsz": wire.IRQ_INFO_SIZE,
+                "flags": info.flags,
+                "index": info.index,
+                "count": info.count,
+            }
+        ), ()
+
+    # --- IRQs -------------------------------------------------------------
+
+    def _set_irqs(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.SET_IRQS_SIZE:
+            raise _bad("SET_IRQS body too short")
+        req = wire.SetIrqs.parse(p[: wire.SET_IRQS_SIZE])
+        data = p[wire.SET_IRQS_SIZE :]
+        flags, count = req.flags, req.count
+        if req.argsz < wire.SET_IRQS_SIZE or req.argsz != len(p):
+            raise _bad(f"SET_IRQS argsz {req.argsz} for a {len(p)}-byte body")
+        if flags & ~(_IRQ_DATA | _IRQ_ACTION):
+            raise _bad(f"SET_IRQS unknown flags {flags:#x}")
+        if (flags & _IRQ_DATA).bit_count() != 1 or (flags & _IRQ_ACTION).bit_count() != 1:
+            raise _bad(f"SET_IRQS needs one data and one action flag, got {flags:#x}")
+        if count == 0 and flags != IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER:
+            raise _bad("SET_IRQS count 0 is only for DATA_NONE|TRIGGER (disable)")
+        expect_data = count if flags & IRQ_SET_DATA_BOOL else 0
+        if len(data) != expect_data:
+            raise _bad(f"SET_IRQS carries {len(data)} data bytes, expected {expect_data}")
+        if flags & IRQ_SET_DATA_EVENTFD:
+            if len(msg.fds) not in (0, count):
+                raise _bad(f"SET_IRQS {len(msg.fds)} eventfds for count {count}")
+        elif msg.fds:
+            raise _bad("SET_IRQS fds without DATA_EVENTFD")
+        info = self.backend.irq_info(req.index)
+        if req.start + count > info.count:
+            raise _bad(f"SET_IRQS start {req.start} + count {count} > {info.count}")
+        self.backend.set_irqs(req.index, flags, req.start, count, data, msg.fds)
+        return b"", ()
+
+    # --- DMA --------------------------------------------------------------
+
+    def _dma_map(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.DMA_MAP_SIZE:
+            raise _bad("DMA_MAP body too short")
+        req = wire.DmaMap.parse(p[: wire.DMA_MAP_SIZE])
+        if req.argsz < wire.DMA_MAP_SIZE:
+            raise _bad(f"DMA_MAP argsz {req.argsz}")
+        if req.flags & ~_DMA_MAP_KNOWN:
+            raise _bad(f"DMA_MAP unknown flags {req.flags:#x}")
+        if len(msg.fds) > 1:
+            raise _bad(f"DMA_MAP with {len(msg.fds)} fds")
+        if req.size == 0 or req.address + req.size > 1 << 64:
+            raise _bad(f"DMA_MAP range {req.address:#x}+{req.size:#x}")
+        fd = msg.fds[0] if msg.fds else None
+        self.backend.dma_map(DmaMapping(req.address, req.size, req.flags, fd, req.offset))
+        return b"", ()
+
+    def _dma_unmap(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.DMA_UNMAP_SIZE:
+            raise _bad("DMA_UNMAP body too short")
+        req = wire.DmaUnmap.parse(p[: wire.DMA_UNMAP_SIZE])
+        if req.argsz < wire.DMA_UNMAP_SIZE:
+            raise _bad(f"DMA_UNMAP argsz {req.argsz}")
+        # Dirty bitmaps on unmap belong to migration v1, which is gone.
+        if req.flags & ~DMA_UNMAP_FLAG_ALL:
+            raise _bad(f"DMA_UNMAP flags {req.flags:#x} not supported")
+        if req.flags & DMA_UNMAP_FLAG_ALL and (req.address or req.size):
+            raise _bad("DMA_UNMAP ALL with an address or size")
+        self.backend.dma_unmap(req.address, req.size, req.flags)
+        return p[: wire.DMA_UNMAP_SIZE], ()
+
+    def _reset(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        if msg.payload:
+            raise _bad("DEVICE_RESET carries no payload")
+        self.backend.reset()
+        return b"", ()
+
+    # --- features and migration -----------------------------------------
+
+    def _device_feature(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.DEVICE_FEATURE_SIZE:
+            raise _bad("DEVICE_FEATURE body too short")
+        req = wire.DeviceFeature.parse(p[: wire.DEVICE_FEATURE_SIZE])
+        flags = req.flags
+        if req.argsz < wire.DEVICE_FEATURE_SIZE:
+            raise _bad(f"DEVICE_FEATURE argsz {req.argsz}")
+        if flags & ~_FEATURE_KNOWN:
+            raise _bad(f"DEVICE_FEATURE unknown flags {flags:#x}")
+        get_set = flags & (DEVICE_FEATURE_GET | DEVICE_FEATURE_SET)
+        if not flags & DEVICE_FEATURE_PROBE and get_set in (
+            0,
+            DEVICE_FEATURE_GET | DEVICE_FEATURE_SET,
+        ):
+            raise _bad("DEVICE_FEATURE needs exactly one of GET/SET (or PROBE)")
+        result = self.backend.device_feature(flags, p[wire.DEVICE_FEATURE_SIZE :])
+        needed = wire.DEVICE_FEATURE_SIZE + len(result)
+        if req.argsz < needed:
+            # Too small for the answer: say how much is needed, send no data.
+            return wire.DeviceFeature.build({"argsz": needed, "flags": flags}), ()
+        return wire.DeviceFeature.build({"argsz": needed, "flags": flags}) + result, ()
+
+    def _mig_data_read(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) != wire.MIG_DATA_SIZE:
+            raise _bad("MIG_DATA_READ body size")
+        req = wire.MigData.parse(p)
+        if req.size > self.max_data_xfer_size:
+            raise _bad(f"MIG_DATA_READ size {req.size} above max_data_xfer_size")
+        if req.argsz < wire.MIG_DATA_SIZE + req.size:
+            raise _bad(f"MIG_DATA_READ argsz {req.argsz} cannot hold {req.size} bytes")
+        data = self.backend.mig_data_read(req.size)
+        if len(data) > req.size:
+            log.error("%s: mig_data_read returned %d > %d bytes", self.name, len(data), req.size)
+            raise OSError(errno.EIO, "device returned too much migration data")
+        head = wire.MigData.build({"argsz": wire.MIG_DATA_SIZE + len(data), "size": len(data)})
+        return head + data, ()
+
+    def _mig_data_write(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        p = msg.payload
+        if len(p) < wire.MIG_DATA_SIZE:
+            raise _bad("MIG_DATA_WRITE body too short")
+        req = wire.MigData.parse(p[: wire.MIG_DATA_SIZE])
+        if req.size > self.max_data_xfer_size:
+            raise _bad(f"MIG_DATA_WRITE size {req.size} above max_data_xfer_size")
+        if req.size != len(p) - wire.MIG_DATA_SIZE or req.argsz < wire.MIG_DATA_SIZE + req.size:
+            raise _bad("MIG_DATA_WRITE size/argsz do not match the data")
+        self.backend.mig_data_write(p[wire.MIG_DATA_SIZE :])
+        return wire.MigData.build({"argsz": wire.MIG_DATA_SIZE, "size": req.size}), ()
+
+    def _version_again(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
+        raise _bad("VERSION after negotiation")
+
+
+_HANDLERS: dict[int, _Handler] = {
+    Command.VERSION: Connection._version_again,
+    Command.DMA_MAP: Connection._dma_map,
+    Command.DMA_UNMAP: Connection._dma_unmap,
+    Command.DEVICE_GET_INFO: Connection._device_info,
+    Command.DEVICE_GET_REGION_INFO: Connection._region_info,
+    Command.DEVICE_GET_REGION_IO_FDS: Connection._region_io_fds,
+    Command.DEVICE_GET_IRQ_INFO: Connection._irq_info,
+    Command.DEVICE_SET_IRQS: Connection._set_irqs,
+    Command.REGION_READ: Connection._region_read,
+    Command.REGION_WRITE: Connection._region_write,
+    Command.DEVICE_RESET: Connection._reset,
+    Command.REGION_WRITE_MULTI: Connection._write_multi,
+    Command.DEVICE_FEATURE: Connection._device_feature,
+    Command.MIG_DATA_READ: Connection._mig_data_read,
+    Command.MIG_DATA_WRITE: Connection._mig_data_write,
+}
+# Commands that may carry fds; the handler checks the exact count.
+_FD_COMMANDS = frozenset({Command.DMA_MAP, Command.DEVICE_SET_IRQS})

@@ -1,0 +1,374 @@
+"""The trio server: one UNIX socket per device, one client at a time.
+
+A thin shell around ``engine.Connection``.  The hot path uses a raw
+non-blocking stdlib socket: recvmsg is tried first and
+``trio.lowlevel.wait_readable`` awaited only on EAGAIN; every whole message
+in what arrived is handled before replying, and the replies go out in one
+sendmsg (trio.socket would add ~6 us per round trip here, PYSTACK.md 4).
+
+One client at a time: while one is served the server does not accept, so a
+second connection waits in the listen backlog (its VERSION unanswered)
+until the first client leaves; then it is served.  When the client goes,
+``backend.disconnected()`` runs (DMA unmapped, IRQ fds closed, device state
+kept) and the next client is accepted.
+
+Server-to-client DMA (QEMU has no twin socket): ``DmaPort.dma_read/write``
+queue a request on the same socket and wait for the reply the reader task
+matches, while the client's own requests keep being served.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import trio
+
+from mdevcore.vfio_user.backend import DeviceBackend
+from mdevcore.vfio_user.constants import SERVER_MAX_MSG_FDS
+from mdevcore.vfio_user.engine import Connection, DmaResult
+from mdevcore.vfio_user.wire import close_fds
+
+log = logging.getLogger(__name__)
+
+_RECV_SIZE = 256 * 1024
+# Plain ints: socket.MSG_* are IntFlag members, whose & costs microseconds.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+# Room for more fds than we accept, so a client sending too many gets
+# EINVAL rather than silently truncated (and kernel-closed) fds.
+_CMSG_SPACE = socket.CMSG_SPACE(4 * SERVER_MAX_MSG_FDS * 8)
+# Polling for the next request this long after a reply halves the round
+# trip here (benchmarks/vfio_user_rtt.py); costs at most this much CPU per
+# message and this much delay to other tasks.
+DEFAULT_SPIN_US = 20.0
+# sendmsg takes at most IOV_MAX buffers; join above this many.
+_MAX_IOV = 512
+
+
+def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+class _DmaPort:
+    """DmaPort for one connection: requests over the socket, replies matched."""
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        client = self._client
+        limit = client.conn.client_caps.max_data_xfer_size
+        chunks: list[bytes] = []
+        done = 0
+        while done < count:
+            n = min(limit, count - done)
+            result = await client.dma_request(
+                partial(client.conn.dma_read_request, address + done, n)
+            )
+            chunks.append(result.data)
+            done += n
+        return b"".join(chunks)
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        client = self._client
+        limit = client.conn.client_caps.max_data_xfer_size
+        for done in range(0, len(data), limit):
+            piece = bytes(data[done : done + limit])
+            await client.dma_request(partial(client.conn.dma_write_request, address + done, piece))
+
+
+class _Client:
+    """One accepted connection: its socket, engine and pending DMA."""
+
+    def __init__(
+        self, sock: socket.socket, backend: DeviceBackend, name: str, spin_ns: int = 0
+    ) -> None:
+        self.sock = sock
+        self.name = name
+        self.spin_ns = spin_ns
+        self.conn = Connection(backend, name=name)
+        self._pending: list[tuple[list[bytes], list[int]]] = []
+        self._writer_busy = False
+        self._drained = trio.Event()
+        self._waiters: dict[int, tuple[trio.Event, list[DmaResult]]] = {}
+        self.gone = False
+
+    # --- sending --------------------------------------------------------
+
+    def _send_some(self) -> None:
+        """Send what the socket takes now; keep the rest in order."""
+        self._pending.extend(self.conn.outgoing())
+        while self._pending:
+            bufs, fds = self._pending[0]
+            if len(bufs) > _MAX_IOV:
+                bufs[:] = [b"".join(bufs)]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            try:
+                sent = self.sock.sendmsg(bufs, anc)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                # EPIPE/ECONNRESET: the client is gone; only this connection ends.
+                log.info("%s: send failed: %s", self.name, e)
+                self._pending.clear()
+                self.gone = True
+                return
+            if sent == (len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))):
+                self._pending.pop(0)
+                continue
+            # Partial send: the fds went with the first byte; keep the rest.
+            rest = b"".join(bufs)[sent:]
+            self._pending[0] = ([rest], [])
+
+    async def flush(self) -> None:
+        self._send_some()
+        if not self._pending:
+            return
+        if self._writer_busy:
+            # Another task is waiting for the socket and sends ours too.
+            while self._pending and self._writer_busy:
+                await self._drained.wait()
+            if not self._pending:
+                return
+        self._writer_busy = True
+        try:
+            while self._pending and not self.gone:
+                await trio.lowlevel.wait_writable(self.sock)
+                self._send_some()
+        finally:
+            self._writer_busy = False
+            self._drained.set()
+            self._drained = trio.Event()
+
+    # --- server-originated DMA -------------------------------------------
+
+    async def dma_request(self, make_request: Callable[[], int]) -> DmaResult:
+        if self.gone:
+            raise OSError(errno.ENOTCONN, "client gone")
+        msg_id = make_request()
+        event = trio.Event()
+        slot: list[DmaResult] = []
+        self._waiters[msg_id] = (event, slot)
+        try:
+            await self.flush()
+            await event.wait()
+        finally:
+            self._waiters.pop(msg_id, None)
+        result = slot[0]
+        if result.error:
+            raise OSError(result.error, f"DMA request failed: {os.strerror(result.error)}")
+        return result
+
+    def complete(self, results: Sequence[DmaResult]) -> None:
+        for result in results:
+            waiter = self._waiters.get(result.msg_id)
+            if waiter is not None:
+                waiter[1].append(result)
+                waiter[0].set()
+
+    # --- receiving --------------------------------------------------------
+
+    def _spin_recv(self) -> tuple[bytes, list[tuple[int, int, bytes]], int] | None:
+        """Poll the socket for up to spin_ns before parking in trio.
+
+        Parking and waking through trio costs ~5-7 us per message here, most
+        of the round trip; a client that sends its next request within a few
+        microseconds of our reply (MMIO bursts) is caught by the spin.  Other
+        tasks of this trio run wait at most spin_ns for it.
+        """
+        clock = time.perf_counter_ns
+        end = clock() + self.spin_ns
+        recvmsg = self.sock.recvmsg
+        while clock() < end:
+            try:
+                data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, _CMSG_SPACE)
+            except BlockingIOError:
+                continue
+            return data, ancdata, msg_flags
+        return None
+
+    async def run(self) -> None:
+        sock = self.sock
+        conn = self.conn
+        clock = time.perf_counter_ns
+        # Spin only while the client is in a burst: its last request came
+        # within spin_ns of our previous send.  Sparse traffic, or a client
+        # starved of CPU (where spinning would steal its core), parks at once.
+        burst = False
+        sent_at = 0
+        while True:
+            try:
+                data, ancdata, msg_flags, _ = sock.recvmsg(_RECV_SIZE, _CMSG_SPACE)
+            except BlockingIOError:
+                got = self._spin_recv() if burst else None
+                if got is None:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                data, ancdata, msg_flags = got
+            except OSError as e:
+                log.info("%s: connection error: %s", self.name, e)
+                return
+            if self.spin_ns:
+                burst = clock() - sent_at < self.spin_ns
+            fds = _fds_from_ancdata(ancdata) if ancdata else []
+            if msg_flags & _MSG_CTRUNC:
+                log.warning("%s: control data truncated (too many fds); closing", self.name)
+                close_fds(fds)
+                return
+            if not data:
+                close_fds(fds)
+                log.info("%s: client closed the connection", self.name)
+                return
+            conn.receive_data(data, fds)
+            results = conn.process()
+            if results:
+                self.complete(results)
+            if conn.has_output or self._pending:
+                # Usually the socket takes it all at once: no await needed.
+                if not self._writer_busy:
+                    self._send_some()
+                if self._pending:
+                    await self.flush()
+                sent_at = clock()
+            if conn.closed or self.gone:
+                return
+
+    def close(self) -> None:
+        self.gone = True
+        self.complete(self.conn.fail_pending_dma())
+        self.conn.framer.close()
+        self.sock.close()
+
+
+class DeviceServer:
+    """Serves one device on one UNIX socket (see the module doc)."""
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        spin_us: float = DEFAULT_SPIN_US,
+    ) -> None:
+        """``spin_us``: how long to poll for the next request before parking
+        in trio (0 = never spin; see ``_Client._spin_recv``)."""
+        self.spin_ns = int(spin_us * 1000)
+        self.backend = backend
+        self.path = os.fspath(path)
+        self.name = name
+        self._client: _Client | None = None
+        self._client_scope: trio.CancelScope | None = None
+        self._clients_served = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def disconnect(self) -> None:
+        """Drop the current client now (device removal)."""
+        if self._client_scope is not None:
+            log.info("%s: disconnecting the client", self.name)
+            self._client_scope.cancel()
+
+    def _unlink_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+        os.unlink(self.path)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, then serve clients one after another until cancelled."""
+        self._unlink_stale()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+            listener.listen(4)
+            listener.setblocking(False)
+            log.info("%s: listening on %s", self.name, self.path)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.backend.run)
+                task_status.started()
+                await self._accept_loop(listener)
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        # Not accepting while a client is served keeps later connections
+        # waiting in the listen backlog: one client at a time, and a client
+        # reconnecting right after a disconnect is never turned away.
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as e:
+                # EMFILE and friends: say so, back off, keep serving.
+                log.error("%s: accept failed: %s", self.name, e)
+                await trio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            self._clients_served += 1
+            client = _Client(
+                sock, self.backend, f"{self.name}#{self._clients_served}", self.spin_ns
+            )
+            self._client = client
+            self._client_scope = trio.CancelScope()
+            await self._serve_client(client, self._client_scope)
+
+    async def _serve_client(self, client: _Client, scope: trio.CancelScope) -> None:
+        log.info("%s: client connected", client.name)
+        try:
+            with scope:
+                self.backend.connected(_DmaPort(client))
+                await client.run()
+        finally:
+            client.close()
+            self._client = None
+            self._client_scope = None
+            try:
+                self.backend.disconnected()
+            except Exception:
+                log.exception("%s: device failed in disconnected()", client.name)
+            log.info("%s: client gone", client.name)
+
+
+async def serve_forever(
+    backend: DeviceBackend,
+    path: str | os.PathLike[str],
+    *,
+    name: str = "vfio-user",
+    spin_us: float = DEFAULT_SPIN_US,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then clean up and return."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            server = DeviceServer(backend, path, name=name, spin_us=spin_us)
+            await nursery.start(server.serve)
+            async for signum in signals:
+                log.info("%s: signal %d, shutting down", name, signum)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,186 @@
+"""The pds NVMe VF: an NVMe controller behind a Pensando-branded PCIe function.
+
+Layout the guest sees:
+  vendor 1dd8 (Pensando), device 1006 (NVMe VF, our pick), class 01/08/02
+  BAR0/1  64-bit memory, 16 KiB: controller registers at 0, doorbells at 0x1000
+  BAR4/5  64-bit memory, 16 KiB: MSI-X table at 0, PBA at 0x2000
+  capabilities: PM, MSI (1 vector), MSI-X (one vector per queue), PCIe endpoint
+  INTx pin A
+
+Doorbells are reached one of two ways (``doorbells=``):
+  "trapped"  every doorbell write arrives as a region write; bar_write
+             stores it and wakes the processing task.
+  "mmap"     the doorbell page is a sparse-mmap area the client maps; the
+             guest's writes land in shared memory without any message, so
+             the processing task polls it (busy for a short while after
+             activity, then backing off to sleeps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import os
+
+import trio
+
+from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
+from mdevcore.nvme.spec import DOORBELL_BASE
+from mdevcore.pci import caps
+from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
+
+log = logging.getLogger(__name__)
+
+PENSANDO_VENDOR_ID = 0x1DD8
+PDS_NVME_VF_DEVICE_ID = 0x1006
+NVME_CLASS_CODE = 0x010802  # mass storage / NVM / NVM Express
+
+BAR0_SIZE = 0x4000
+MSIX_BAR = 4
+MSIX_BAR_SIZE = 0x4000
+MSIX_PBA_OFFSET = 0x2000
+
+# Adaptive polling of mmapped doorbells: spin (yielding) this long after the
+# last command, then sleep in growing steps up to the maximum.
+POLL_SPIN_SECONDS = 200e-6
+POLL_SLEEP_MIN = 50e-6
+POLL_SLEEP_MAX = 2e-3
+
+
+class DoorbellMode(enum.Enum):
+    TRAPPED = "trapped"
+    MMAP = "mmap"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VfConfig:
+    """What one VF is made of; ``size`` is the namespace size in bytes."""
+
+    backing: str | os.PathLike[str]
+    size: int
+    lba_size: int = 512
+    doorbells: DoorbellMode = DoorbellMode.TRAPPED
+    io_queues: int = 16
+    queue_entries: int = 1024
+    serial: str = "PDSVF0001"
+    model: str = "Pensando NVMe VF (mdevcore)"
+    direct: bool = True
+
+
+class PdsNvmeVf(PciDevice):
+    def __init__(self, vf: VfConfig, *, name: str = "pds-nvme-vf") -> None:
+        super().__init__(
+            PciIdentity(
+                vendor_id=PENSANDO_VENDOR_ID,
+                device_id=PDS_NVME_VF_DEVICE_ID,
+                class_code=NVME_CLASS_CODE,
+                subsystem_vendor_id=PENSANDO_VENDOR_ID,
+                subsystem_id=PDS_NVME_VF_DEVICE_ID,
+                interrupt_pin=1,
+            )
+        )
+        self.name = name
+        self.vf = vf
+        self.mode = DoorbellMode(vf.doorbells)
+        areas = ((DOORBELL_BASE, 0x1000),) if self.mode is DoorbellMode.MMAP else ()
+        shared = self.add_bar(0, BAR0_SIZE, BarKind.MEM64, mmap_areas=areas)
+        self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM64)
+        self.add_pm()
+        self.add_msi(vectors=1)
+        self.msix_vectors = vf.io_queues + 1
+        self.add_msix(
+            self.msix_vectors,
+            table_bar=MSIX_BAR,
+            table_offset=0,
+            pba_bar=MSIX_BAR,
+            pba_offset=MSIX_PBA_OFFSET,
+        )
+        self.add_express()
+        self.namespace = FileNamespace(vf.backing, vf.size, lba_size=vf.lba_size, direct=vf.direct)
+        doorbells = shared[DOORBELL_BASE : DOORBELL_BASE + 0x1000] if shared is not None else None
+        self.controller = NvmeController(
+            self.dma,
+            [self.namespace],
+            self.raise_irq,
+            config=ControllerConfig(
+                serial=vf.serial,
+                model=vf.model,
+                max_io_queues=vf.io_queues,
+                max_queue_entries=vf.queue_entries,
+                subsystem_vendor_id=PENSANDO_VENDOR_ID,
+            ),
+            doorbells=doorbells,
+            irq_vectors=self._usable_vectors,
+            name=name,
+        )
+        self._wake = trio.Event()
+
+    # --- interrupts ---------------------------------------------------------
+
+    def _usable_vectors(self) -> int:
+        """Vectors a CQ may name: the MSI-X table once the guest enabled MSI-X."""
+        if self.msix is not None:
+            flags = self.config.get_u16(self.msix.offset + caps.MSIX_FLAGS)
+            if flags & caps.MSIX_FLAGS_ENABLE:
+                return self.msix_vectors
+        return 1  # MSI (one message) or INTx
+
+    # --- BAR0 -------------------------------------------------------------------
+
+    def bar_read(self, bar: int, offset: int, size: int) -> bytes:
+        if bar == 0:
+            return self.controller.mmio_read(offset, size)
+        return super().bar_read(bar, offset, size)
+
+    def bar_write(self, bar: int, offset: int, data: bytes) -> None:
+        if bar != 0:
+            super().bar_write(bar, offset, data)
+            return
+        if self.controller.mmio_write(offset, data) or self.controller.ready:
+            # Doorbells, and register writes that may unblock work (INTMC, CC).
+            self._wake.set()
+
+    def on_reset(self) -> None:
+        self.controller.reset()
+        self._wake.set()
+
+    def close(self) -> None:
+        self.controller.close()
+        self.namespace.close()
+        super().close()
+
+    # --- processing -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Execute commands as doorbells move, and fire timed interrupts."""
+        ctrl = self.controller
+        idle_since = trio.current_time()
+        sleep = POLL_SLEEP_MIN
+        while True:
+            before = ctrl.commands_done
+            more = ctrl.process()
+            now = trio.current_time()
+            deadline = ctrl.next_deadline()
+            if deadline is not None and ctrl.clock() >= deadline:
+                ctrl.tick()
+                continue
+            if more:
+                await trio.sleep(0)  # let the server answer the client meanwhile
+                continue
+            if ctrl.commands_done != before:
+                idle_since, sleep = now, POLL_SLEEP_MIN
+            wait = math.inf if deadline is None else max(0.0, deadline - ctrl.clock())
+            if self.mode is DoorbellMode.MMAP and ctrl.ready:
+                if now - idle_since < POLL_SPIN_SECONDS:
+                    wait = 0.0
+                else:
+                    wait = min(wait, sleep)
+                    sleep = min(sleep * 2, POLL_SLEEP_MAX)
+            if wait == 0.0:
+                await trio.sleep(0)
+                continue
+            with trio.move_on_after(wait):
+                await self._wake.wait()
+            self._wake = trio.Event()
