@@ -235,21 +235,29 @@ class MttyDriver:
                 )
             self._free -= nr_ports
             self._reserved[uuid] = nr_ports
+        try:
+            device = MttyDevice(nr_ports, name=f"mtty {uuid}")
+        except BaseException:
+            self._release(uuid)  # a failed create keeps no ports
+            raise
         log.info("mtty %s: created with %d port(s), %d left", uuid, nr_ports, self._free)
-        return MttyDevice(nr_ports, name=f"mtty {uuid}")
+        return device
 
     def remove(self, uuid: uuid.UUID, device: DeviceBackend) -> None:
-        with self._lock:
-            nr_ports = self._reserved.pop(uuid, None)
-            if nr_ports is None:
-                raise OSError(errno.ENODEV, f"mtty {uuid} was not created here")
-            self._free += nr_ports
+        self._release(uuid)
         if isinstance(device, MttyDevice):
             device.close()  # drop the eventfds it still holds
         log.info("mtty %s: removed, %d port(s) free", uuid, self._free)
 
     def device_attributes(self, uuid: uuid.UUID, device: DeviceBackend) -> Mapping[str, str]:
         return {"vendor/sample_mdev_dev": f"This is MDEV {uuid}\n"}
+
+    def _release(self, uuid: uuid.UUID) -> None:
+        with self._lock:
+            nr_ports = self._reserved.pop(uuid, None)
+            if nr_ports is None:
+                raise OSError(errno.ENODEV, f"mtty {uuid} was not created here")
+            self._free += nr_ports
 
     def _ports(self, type_name: str) -> int:
         try:

@@ -83,9 +83,13 @@ def test_failing_script_rc_and_output_propagate(lab: Lab) -> None:
     assert "Linux version" not in result.output
 
 
-def test_kernel_log_on_request(lab: Lab) -> None:
-    result = lab.boot("echo fine", kernel_log=True)
-    assert result.rc == 0 and result.output == "fine\n"
+def test_kernel_log_on_request_and_extra_files(lab: Lab) -> None:
+    result = lab.boot(
+        "/opt/t/hello.sh; echo fine",
+        kernel_log=True,
+        files={"/opt/t/hello.sh": "#!/bin/sh\necho hello from a file\n"},
+    )
+    assert result.rc == 0 and result.output == "hello from a file\nfine\n"
     assert "Linux version" in result.kernel_log
     assert "LAB-DMESG" not in result.kernel_log
 

@@ -251,6 +251,16 @@ def test_boot_archive_carries_script_and_token() -> None:
         initramfs.build_boot("", "t", dmesg="sometimes")
 
 
+def test_boot_archive_extra_files() -> None:
+    archive = initramfs.build_boot("", "t", files={"/opt/t/data.bin": b"\x00\x01", "/x.sh": "a"})
+    entries = {n: (m, b) for n, m, b, _ in parse_newc(archive.to_bytes())}
+    assert entries["opt/t/data.bin"] == (stat.S_IFREG | 0o755, b"\x00\x01")
+    assert entries["x.sh"][1] == b"a"
+    for bad in ("relative", "/init", "/lab"):
+        with pytest.raises(ValueError):
+            initramfs.build_boot("", "t", files={bad: b""})
+
+
 # -- QEMU command line ---------------------------------------------------------
 
 

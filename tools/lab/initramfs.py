@@ -19,7 +19,7 @@ import lzma
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from tools.lab.cpio import CpioArchive
@@ -280,11 +280,17 @@ def build_extras(root: Path, binaries: Sequence[str]) -> CpioArchive:
 
 
 def build_boot(
-    script: str, token: str, *, dmesg: str = "on-failure", console_loglevel: int | None = 1
+    script: str,
+    token: str,
+    *,
+    dmesg: str = "on-failure",
+    console_loglevel: int | None = 1,
+    files: Mapping[str, bytes | str] | None = None,
 ) -> CpioArchive:
     """The per-boot archive: the test script, the marker token, when to dump
-    the kernel log (``always``, ``on-failure`` or ``never``) and the console
-    loglevel while the script runs (None: keep the boot's)."""
+    the kernel log (``always``, ``on-failure`` or ``never``), the console
+    loglevel while the script runs (None: keep the boot's) and extra guest
+    files (absolute guest path -> content; mode 0755 so scripts can run)."""
     if dmesg not in ("always", "on-failure", "never"):
         raise ValueError(f"bad dmesg mode {dmesg!r}")
     if console_loglevel is not None and not 0 <= console_loglevel <= 8:
@@ -292,6 +298,11 @@ def build_boot(
     printk = "" if console_loglevel is None else str(console_loglevel)
     env = f"LAB_TOKEN={token}\nLAB_DMESG={dmesg}\nLAB_PRINTK={printk}\n"
     archive = CpioArchive()
+    for guest_path, content in (files or {}).items():
+        if not guest_path.startswith("/") or guest_path.rstrip("/") in ("/lab", "/init"):
+            raise ValueError(f"bad guest file path {guest_path!r}")
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        archive.add_file(guest_path, data, 0o755)
     archive.add_file("lab/script", script.encode(), 0o755)
     archive.add_file("lab/env", env.encode(), 0o644)
     return archive

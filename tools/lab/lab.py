@@ -11,7 +11,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -169,6 +169,7 @@ class Lab:
         accel: str | None = None,
         kernel_log: bool | None = None,
         console_loglevel: int | None = 1,
+        files: Mapping[str, bytes | str] | None = None,
         echo: bool = False,
     ) -> GuestResult:
         """Boot a guest that runs ``script`` (busybox sh) and powers off.
@@ -184,6 +185,8 @@ class Lab:
         ``console_loglevel``: kernel messages shown on the console while the
         script runs (default 1, emergencies only, so that they cannot split
         the script's output; 8 shows all, for watching a hang with echo).
+        ``files`` maps absolute guest paths to contents (test data, helper
+        scripts).
         Raises LabError on
         timeout (ETIMEDOUT), KVM failure or a guest that never reported (EIO).
         """
@@ -200,9 +203,12 @@ class Lab:
         try:
             initrd = workdir / "initrd.cpio"
             dmesg = {True: "always", False: "never", None: "on-failure"}[kernel_log]
-            boot_archive = initramfs.build_boot(
-                script, token, dmesg=dmesg, console_loglevel=console_loglevel
-            )
+            try:
+                boot_archive = initramfs.build_boot(
+                    script, token, dmesg=dmesg, console_loglevel=console_loglevel, files=files
+                )
+            except ValueError as err:
+                raise LabError(errno.EINVAL, str(err)) from err
             self._write_initrd(initrd, boot_archive, extra_binaries)
             bound = Binds.plan(self.root, self._bind_dirs(devices, qemu_args, binds))
             (self.root / BOOT_MOUNT.relative_to("/")).mkdir(exist_ok=True)

@@ -207,12 +207,12 @@ def run(
                     os.write(2, chunk)
             if finished_at is None and done.search(_normalise(bytes(console))):
                 finished_at = time.monotonic()
-            text = _normalise(bytes(errors)) + _normalise(bytes(console[-4096:]))
-            if _KVM_FAILURE.search(text):
+            # QEMU reports on stderr; the console is the guest's to print on.
+            if _KVM_FAILURE.search(_normalise(bytes(errors))):
                 raise LabError(
                     errno.EIO,
                     "KVM internal error: QEMU paused the guest (try --accel tcg)\n"
-                    + _normalise(bytes(errors)),
+                    + "\n".join(_normalise(bytes(errors)).splitlines()[:12]),
                     console=_normalise(bytes(console)),
                 )
         if finished_at is None and proc.poll() is None and sel.get_map():
