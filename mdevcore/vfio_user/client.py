@@ -93,6 +93,8 @@ class Client:
         self._stash: dict[int, RawMessage] = {}
         self._dma: list[tuple[int, bytearray]] = []
         self.server_caps: dict[str, Any] = {}
+        # One receive buffer: recvmsg(n) would allocate n bytes per call.
+        self._rview = memoryview(bytearray(1 << 18))
         self.dma_requests_served = 0
 
     # --- raw transport -----------------------------------------------------
@@ -111,7 +113,10 @@ class Client:
         self.close()
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        if not fds:
+            self.sock.sendall(data)
+            return
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         view = memoryview(data)
         sent = self.sock.sendmsg([view], anc)
         if sent < len(data):
@@ -146,17 +151,17 @@ class Client:
             msg = self.framer.next_message()
             if msg is not None:
                 return msg
-            data, ancdata, flags, _ = self.sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * 64))
+            n, ancdata, flags, _ = self.sock.recvmsg_into([self._rview], socket.CMSG_SPACE(4 * 64))
             fds: list[int] = []
             for level, kind, blob in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     arr = array.array("i")
                     arr.frombytes(blob[: len(blob) - len(blob) % 4])
                     fds.extend(arr)
-            if not data:
+            if not n:
                 wire.close_fds(fds)
                 raise EOFError("server closed the connection")
-            self.framer.feed(data, fds)
+            self.framer.feed(self._rview[:n], fds)
 
     def wait_reply(self, msg_id: int) -> RawMessage:
         """Read until the reply to ``msg_id``; serve DMA requests meanwhile."""

@@ -48,8 +48,6 @@ _CMSG_SPACE = socket.CMSG_SPACE(4 * SERVER_MAX_MSG_FDS * 8)
 # trip here (benchmarks/vfio_user_rtt.py); costs at most this much CPU per
 # message and this much delay to other tasks.
 DEFAULT_SPIN_US = 20.0
-# sendmsg takes at most IOV_MAX buffers; join above this many.
-_MAX_IOV = 512
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -105,19 +103,26 @@ class _Client:
         self._drained = trio.Event()
         self._waiters: dict[int, tuple[trio.Event, list[DmaResult]]] = {}
         self.gone = False
+        # recvmsg(n) allocates n bytes per call - an mmap/munmap pair at this
+        # size, ~35 us - so receive into one buffer kept for the connection.
+        self._rbuf = bytearray(_RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
 
     # --- sending --------------------------------------------------------
 
     def _send_some(self) -> None:
         """Send what the socket takes now; keep the rest in order."""
         self._pending.extend(self.conn.outgoing())
+        sock = self.sock
         while self._pending:
             bufs, fds = self._pending[0]
-            if len(bufs) > _MAX_IOV:
-                bufs[:] = [b"".join(bufs)]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
             try:
-                sent = self.sock.sendmsg(bufs, anc)
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = sock.sendmsg([data], anc)
+                else:
+                    sent = sock.send(data)  # ~1 us cheaper than sendmsg
             except BlockingIOError:
                 return
             except OSError as e:
@@ -126,12 +131,11 @@ class _Client:
                 self._pending.clear()
                 self.gone = True
                 return
-            if sent == (len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))):
+            if sent == len(data):
                 self._pending.pop(0)
-                continue
-            # Partial send: the fds went with the first byte; keep the rest.
-            rest = b"".join(bufs)[sent:]
-            self._pending[0] = ([rest], [])
+            else:
+                # Partial send: the fds went with the first byte; keep the rest.
+                self._pending[0] = ([data[sent:]], [])
 
     async def flush(self) -> None:
         self._send_some()
@@ -181,7 +185,7 @@ class _Client:
 
     # --- receiving --------------------------------------------------------
 
-    def _spin_recv(self) -> tuple[bytes, list[tuple[int, int, bytes]], int] | None:
+    def _spin_recv(self) -> tuple[int, list[tuple[int, int, bytes]], int] | None:
         """Poll the socket for up to spin_ns before parking in trio.
 
         Parking and waking through trio costs ~5-7 us per message here, most
@@ -191,13 +195,14 @@ class _Client:
         """
         clock = time.perf_counter_ns
         end = clock() + self.spin_ns
-        recvmsg = self.sock.recvmsg
+        recvmsg_into = self.sock.recvmsg_into
+        bufs = [self._rview]
         while clock() < end:
             try:
-                data, ancdata, msg_flags, _ = recvmsg(_RECV_SIZE, _CMSG_SPACE)
+                n, ancdata, msg_flags, _ = recvmsg_into(bufs, _CMSG_SPACE)
             except BlockingIOError:
                 continue
-            return data, ancdata, msg_flags
+            return n, ancdata, msg_flags
         return None
 
     async def run(self) -> None:
@@ -209,15 +214,16 @@ class _Client:
         # starved of CPU (where spinning would steal its core), parks at once.
         burst = False
         sent_at = 0
+        bufs = [self._rview]
         while True:
             try:
-                data, ancdata, msg_flags, _ = sock.recvmsg(_RECV_SIZE, _CMSG_SPACE)
+                n, ancdata, msg_flags, _ = sock.recvmsg_into(bufs, _CMSG_SPACE)
             except BlockingIOError:
                 got = self._spin_recv() if burst else None
                 if got is None:
                     await trio.lowlevel.wait_readable(sock)
                     continue
-                data, ancdata, msg_flags = got
+                n, ancdata, msg_flags = got
             except OSError as e:
                 log.info("%s: connection error: %s", self.name, e)
                 return
@@ -228,11 +234,11 @@ class _Client:
                 log.warning("%s: control data truncated (too many fds); closing", self.name)
                 close_fds(fds)
                 return
-            if not data:
+            if not n:
                 close_fds(fds)
                 log.info("%s: client closed the connection", self.name)
                 return
-            conn.receive_data(data, fds)
+            conn.receive_data(self._rview[:n], fds)
             results = conn.process()
             if results:
                 self.complete(results)

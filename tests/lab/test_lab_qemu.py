@@ -193,6 +193,17 @@ def test_qemu_refusing_its_arguments_is_an_error_with_its_reason(lab: Lab) -> No
     assert "no-such-device-model" in str(caught.value)
 
 
+async def test_cancelling_aboot_stops_qemu_before_returning(lab: Lab) -> None:
+    marker = f"labtest={uuid.uuid4()}"
+    with trio.move_on_after(10) as scope:  # mid-boot or mid-script: both must stop
+        await lab.aboot(f"sleep 600 # {marker}", kernel_args=[marker], timeout=600)
+    assert scope.cancelled_caught
+    assert qemu_processes_with(marker) == []
+    assert lab_mounts(lab.paths.cache) == []
+    for initrd in lab.paths.boots_dir.glob(f"boot-{os.getpid()}-*/initrd.cpio"):
+        assert marker.encode() not in initrd.read_bytes()
+
+
 @pytest.mark.skipif(
     not os.path.isdir("/sys/module/kvm_pvm"), reason="provoking a KVM failure needs a PVM host"
 )

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -198,12 +199,22 @@ async def test_pci_device_dma_by_fd_and_by_message(gadget: tuple[Gadget, str]) -
         await device.dma_write(0x10010, b"fd-backed")
         with mmap.mmap(memfd, 0x2000, mmap.MAP_SHARED) as ram:
             assert ram[0x10:0x19] == b"fd-backed"
+        finished = threading.Event()
+
+        def answer_dma() -> None:
+            # the client answers the server's DMA requests until we are done
+            while not finished.is_set():
+                client.poll(0.05)
+
         async with trio.open_nursery() as nursery:
-            # the client answers the server's DMA requests while we wait
-            nursery.start_soon(in_thread, lambda: client.poll(0.5))
-            assert await device.dma_read(0x80000, 16) == b"message-dma-src!"
-            await device.dma_write(0x80100, b"written by device")
+            nursery.start_soon(in_thread, answer_dma)
+            try:
+                assert await device.dma_read(0x80000, 16) == b"message-dma-src!"
+                await device.dma_write(0x80100, b"written by device")
+            finally:
+                finished.set()
         assert guest[0x100:0x111] == b"written by device"
+        assert client.dma_requests_served == 2
     finally:
         client.close()
         os.close(memfd)

@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ class Lab:
         console_loglevel: int | None = 1,
         files: Mapping[str, bytes | str] | None = None,
         echo: bool = False,
+        cancel: threading.Event | None = None,
     ) -> GuestResult:
         """Boot a guest that runs ``script`` (busybox sh) and powers off.
 
@@ -186,7 +188,8 @@ class Lab:
         script runs (default 1, emergencies only, so that they cannot split
         the script's output; 8 shows all, for watching a hang with echo).
         ``files`` maps absolute guest paths to contents (test data, helper
-        scripts).
+        scripts).  Setting ``cancel`` (from another thread) stops the guest
+        within half a second (LabError ECANCELED).
         Raises LabError on
         timeout (ETIMEDOUT), KVM failure or a guest that never reported (EIO).
         """
@@ -230,6 +233,7 @@ class Lab:
                 timeout=timeout,
                 done=done,
                 echo=echo,
+                cancel=cancel,
             )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -247,12 +251,28 @@ class Lab:
                 continue
 
     async def aboot(self, script: str, **kwargs: Any) -> GuestResult:
-        """:meth:`boot` from trio code: runs in a worker thread so the
-        caller's event loop (e.g. the vfio-user server the guest talks to)
-        keeps running.  Cancellation waits for the boot's own timeout."""
+        """:meth:`boot` from trio code, in a worker thread so the caller's
+        event loop (e.g. the vfio-user server the guest talks to) keeps
+        running.  Cancelling the caller stops QEMU at once; the call returns
+        (raising Cancelled) only after QEMU is dead and scratch files gone."""
         import trio
 
-        return await trio.to_thread.run_sync(lambda: self.boot(script, **kwargs))
+        cancel = threading.Event()
+        finished = threading.Event()
+
+        def work() -> GuestResult:
+            try:
+                return self.boot(script, cancel=cancel, **kwargs)
+            finally:
+                finished.set()
+
+        try:
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except trio.Cancelled:
+            cancel.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finished.wait)
+            raise
 
     def _write_initrd(
         self, path: Path, boot_archive: CpioArchive, extra_binaries: Sequence[str]

@@ -18,6 +18,7 @@ import selectors
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,10 +169,12 @@ def run(
     timeout: float,
     done: re.Pattern[str],
     echo: bool = False,
+    cancel: threading.Event | None = None,
 ) -> RunOutcome:
     """Run ``argv`` (the namespace-wrapped QEMU) until ``done`` matches the console.
 
-    Raises LabError on timeout or KVM failure; the process is dead on return.
+    Raises LabError on timeout, KVM failure or ``cancel`` being set (checked
+    twice a second, from any thread); the process is dead on return.
     """
     log.debug("lab: %s", shlex.join(argv))
     started = time.monotonic()
@@ -193,6 +196,8 @@ def run(
     finished_at: float | None = None
     try:
         while sel.get_map():
+            if cancel is not None and cancel.is_set():
+                raise LabError(errno.ECANCELED, "boot cancelled; QEMU killed")
             now = time.monotonic()
             limit = deadline if finished_at is None else finished_at + _EXIT_GRACE
             if now >= limit:

@@ -1,0 +1,105 @@
+"""mdevd's control socket: JSON lines on ``<run-dir>/mdevd.ctl``.
+
+One request per line, one reply per line.  Today the only command is
+``{"cmd": "devlink", "argv": [...]}`` answered by ``{"rc", "out", "err"}``
+(see ``mdevcore.daemon.devlink``).  Requests run on the daemon's trio
+thread, so they see and change the same state as sysfs writes; after a
+request that changed something, ``settle`` is awaited before the reply,
+so what it started (a socket, a device) exists when the client returns.
+
+The socket is root-only (0600) and every request is size-limited and
+validated: a bad one gets an error reply, never a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mdevcore.daemon.devlink import DevlinkRegistry, run_devlink
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+Settle = Callable[[], Awaitable[None]]
+
+
+def handle_request(registry: DevlinkRegistry, line: bytes) -> dict[str, Any]:
+    """One request line -> the reply object (never raises for bad input)."""
+    try:
+        request = json.loads(line)
+    except ValueError as e:
+        return {"rc": 1, "out": "", "err": f"mdevd: malformed request: {e}\n"}
+    if not isinstance(request, dict) or request.get("cmd") != "devlink":
+        return {"rc": 1, "out": "", "err": "mdevd: unknown control command\n"}
+    argv = request.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        return {"rc": 1, "out": "", "err": "mdevd: argv must be a list of strings\n"}
+    reply = run_devlink(registry, argv)
+    return {"rc": reply.rc, "out": reply.out, "err": reply.err}
+
+
+class ControlServer:
+    def __init__(self, path: Path, registry: DevlinkRegistry, settle: Settle) -> None:
+        self.path = path
+        self.registry = registry
+        self.settle = settle
+
+    def _unlink_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+        os.unlink(self.path)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; the socket file is removed on the way out."""
+        self._unlink_stale()
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await listener.bind(os.fspath(self.path))
+            os.chmod(self.path, 0o600)
+            listener.listen(8)
+            log.info("control socket at %s", self.path)
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    sock, _ = await listener.accept()
+                    nursery.start_soon(self._connection, trio.SocketStream(sock))
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        async with stream:
+            try:
+                while True:
+                    while b"\n" not in buf:
+                        chunk = await stream.receive_some(MAX_REQUEST)
+                        if not chunk:
+                            return
+                        buf += chunk
+                        if len(buf) > MAX_REQUEST and b"\n" not in buf:
+                            log.warning("control: request over %d bytes; closing", MAX_REQUEST)
+                            return
+                    line, buf = buf.split(b"\n", 1)
+                    reply = handle_request(self.registry, line)
+                    await self.settle()
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
