@@ -4,8 +4,9 @@
 
 Prints figures, asserts nothing.  Servers, each in its own process:
   C responder        benchmarks/c/responder.c (the floor)
-  python raw         DeviceServer + a bytearray-backed DeviceBackend
-  python raw spin 0  the same without polling before parking in trio
+  trio echo spin 0   the server's socket pattern in trio, no engine (trio's floor)
+  python raw         DeviceServer (defaults) + a bytearray-backed DeviceBackend
+  python raw spin 20 the same, polling up to 20 us before parking in trio
   python PciDevice   DeviceServer + a PciDevice with one MEM32 BAR
 Clients: the project's blocking Client (Python) and benchmarks/c/client.c.
 Measured: REGION_READ of 4 bytes (median and p99 round trip over --reads
@@ -123,10 +124,11 @@ def build() -> None:
 
 
 SERVERS = (
-    # label, device class (None = the C responder), spin_us
+    # label, device class (None = the C responder, "echo" = bare trio), spin_us
     ("C responder", None, 0.0),
+    ("trio echo spin 0", "echo", 0.0),
     ("python raw", "RawDevice", DEFAULT_SPIN_US),
-    ("python raw spin 0", "RawDevice", 0.0),
+    ("python raw spin 20", "RawDevice", 20.0),
     ("python PciDevice", "PciBench", DEFAULT_SPIN_US),
 )
 
@@ -134,6 +136,8 @@ SERVERS = (
 def start_server(device: str | None, spin_us: float, path: str) -> subprocess.Popen[bytes]:
     if device is None:
         cmd = [str(BUILD / "responder"), path]
+    elif device == "echo":
+        cmd = [sys.executable, __file__, "--serve-echo", path]
     else:
         cmd = [sys.executable, "-m", "mdevcore.vfio_user", "--device", f"vfio_user_rtt:{device}",
                "--socket", path, "--spin-us", str(spin_us)]  # fmt: skip
@@ -181,12 +185,67 @@ def c_client(path: str, reads: int, writes: int) -> tuple[float, float, float]:
     return fields["rtt_median_us"], fields["rtt_p99_us"], fields["posted_msgs_per_s"]
 
 
+async def serve_echo(path: str) -> None:
+    """The trio floor: same socket pattern as DeviceServer, no engine, no device.
+
+    Answers VERSION, REGION_READ (zeros) and REGION_WRITE like the C responder.
+    """
+    import socket
+
+    import trio
+
+    from mdevcore.vfio_user.wire import HEADER
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    listener.setblocking(False)
+    rbuf = memoryview(bytearray(1 << 18))
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        sock, _ = listener.accept()
+        sock.setblocking(False)
+        pending = bytearray()
+        while True:
+            try:
+                n = sock.recv_into(rbuf)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            if not n:
+                break
+            pending += rbuf[:n]
+            out = []
+            while len(pending) >= 16:
+                msg_id, cmd, size, flags, _ = HEADER.unpack_from(pending)
+                if len(pending) < size:
+                    break
+                body = bytes(pending[16:size])
+                del pending[:size]
+                if cmd == Command.VERSION:
+                    out.append(HEADER.pack(msg_id, cmd, 23, 1, 0) + b"\0\0\0\0{}\0")
+                elif cmd == Command.REGION_READ:
+                    count = REGION_ACCESS.unpack(body)[2]
+                    out.append(HEADER.pack(msg_id, cmd, 32 + count, 1, 0) + body + bytes(count))
+                elif not flags & 0x10:
+                    out.append(HEADER.pack(msg_id, cmd, 32, 1, 0) + body[:16])
+            if out:
+                sock.sendall(b"".join(out))
+        sock.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=20000)
     parser.add_argument("--writes", type=int, default=100000)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per server")
+    parser.add_argument("--serve-echo", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_echo:
+        import trio
+
+        trio.run(serve_echo, args.serve_echo)
+        return
     build()
     # samples[(label, client)] = [(median, p99, rate), ...], one per round.
     # Rounds interleave the servers so a noisy neighbour hits them alike.

@@ -11,9 +11,14 @@ import dataclasses
 import errno
 import importlib
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mdevcore.core import MdevCore, Parent
 from mdevcore.driver import MdevDriver
+
+if TYPE_CHECKING:
+    from mdevcore.daemon.hosts import HostedParent
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +75,38 @@ def register(core: MdevCore, specs: tuple[ParentSpec, ...], *, required: bool) -
             continue
         parents.append(core.register_parent(spec.name, spec.location, driver))
     return parents
+
+
+# --- hosted parents (not mdevs: a PF and its VFs, see mdevcore.daemon.hosts) ---
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostSpec:
+    name: str  # its options come from --<name>-* flags
+    module: str
+    factory: str  # classmethod called as factory(options, run_dir)
+
+
+BUILTIN_HOSTS: tuple[HostSpec, ...] = (
+    HostSpec("pds", "parents.pds.driver", "PdsHost.from_options"),
+)
+
+
+def load_hosts(
+    specs: tuple[HostSpec, ...], options: dict[str, dict[str, str]], run_dir: Path
+) -> list[HostedParent]:
+    """Build each hosted parent; an unimportable module is skipped, bad options are fatal."""
+    hosts = []
+    for spec in specs:
+        try:
+            target: Any = importlib.import_module(spec.module)
+        except ImportError as e:
+            log.info("built-in host %s not available (%s); skipped", spec.name, e)
+            continue
+        for attr in spec.factory.split("."):
+            target = getattr(target, attr)
+        try:
+            hosts.append(target(options.get(spec.name, {}), run_dir))
+        except ValueError as e:
+            raise OSError(errno.EINVAL, f"{spec.name}: {e}") from None
+    return hosts

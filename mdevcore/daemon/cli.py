@@ -2,6 +2,7 @@
 
 mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent SPEC]...
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
+mdevd devlink [--run-dir DIR] dev param {set|show} ...
 mdevd lab ...
 """
 
@@ -31,12 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-builtins", action="store_true", help="do not register built-in parents")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    pds = s.add_argument_group("pds card (an SR-IOV PF with NVMe VFs)")
+    pds.add_argument("--no-pds", action="store_true", help="no pds card")
+    pds.add_argument("--pds-pf", metavar="BDF", help="PF address (default 0000:60:00.0)")
+    pds.add_argument("--pds-total-vfs", metavar="N", help="sriov_totalvfs (default 8)")
+    pds.add_argument("--pds-ns-size", metavar="SIZE", help="namespace per VF (default 1G)")
+    pds.add_argument("--pds-backing-dir", metavar="DIR", help="VF namespace files (RUN_DIR/pds)")
+    pds.add_argument("--pds-doorbells", choices=("trapped", "mmap"), help="VF doorbell mode")
 
     m = sub.add_parser("mdevctl", help="run the real mdevctl against the mirror")
     m.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     m.add_argument("--sysfs", type=Path, help="the mirror (default RUN_DIR/sys)")
     m.add_argument("--config", type=Path, help="stands in for /etc/mdevctl.d (RUN_DIR/mdevctl.d)")
     m.add_argument("args", nargs=argparse.REMAINDER, help="mdevctl arguments")
+
+    d = sub.add_parser("devlink", help="iproute2's devlink dev param, against mdevd")
+    d.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    d.add_argument("args", nargs=argparse.REMAINDER, help="e.g. dev param show")
 
     sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
     return p
@@ -61,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             sysfs = args.sysfs or run_dir / "sys"
             config = args.config or run_dir / "mdevctl.d"
             return run_mdevctl(sysfs, config, args.args)
+        if args.command == "devlink":
+            from mdevcore.daemon.devlink import devlink_main
+
+            return devlink_main(args.run_dir, args.args)
     except OSError as e:
         print(f"mdevd: error: {e.strerror or e}", file=sys.stderr)
         return 1

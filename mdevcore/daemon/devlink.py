@@ -162,10 +162,10 @@ def _param_show(registry: DevlinkRegistry, args: list[str], reply: Reply) -> Rep
             reply.out += "".join(_format_param(handle, p) for p in params.values())
         return reply
     if opts.name is None:
-        params = registry.instances.get(opts.handle)
-        if params is None:
+        found = registry.instances.get(opts.handle)
+        if found is None:
             return reply.kernel(OSError(errno.ENODEV, opts.handle))
-        reply.out += "".join(_format_param(opts.handle, p) for p in params.values())
+        reply.out += "".join(_format_param(opts.handle, p) for p in found.values())
         return reply
     param = _lookup(registry, opts, reply)
     if param is not None:
@@ -207,11 +207,11 @@ def run_devlink(registry: DevlinkRegistry, argv: Sequence[str]) -> Reply:
     """What ``devlink ARGV`` prints and returns, for the subset we serve."""
     args = list(argv)
     reply = Reply()
-    if len(args) < 2 or not _matches(args[0], "dev") or not _matches(args[1], "param"):
-        what = args[0] if args else ""
-        if args and _matches(args[0], "dev"):
-            what = args[1] if len(args) > 1 else ""
-        return reply.fail(f'Command "{what}" not found')
+    if not args or not _matches(args[0], "dev"):
+        # only the dev object is served here
+        return reply.fail(f'Object "{args[0] if args else ""}" not found')
+    if len(args) < 2 or not _matches(args[1], "param"):
+        return reply.fail(f'Command "{args[1] if len(args) > 1 else ""}" not found')
     args = args[2:]
     verb = args.pop(0) if args else "show"
     if _matches(verb, "show") or _matches(verb, "list"):
@@ -253,9 +253,7 @@ def devlink_main(run_dir: Path, argv: Sequence[str]) -> int:
         reply = request(run_dir, {"cmd": "devlink", "argv": list(argv)})
     except OSError as e:
         where = control_path(run_dir)
-        print(
-            f"mdevd devlink: cannot reach mdevd at {where}: {e.strerror or e}", file=sys.stderr
-        )
+        print(f"mdevd devlink: cannot reach mdevd at {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     sys.stdout.write(str(reply.get("out", "")))
     sys.stderr.write(str(reply.get("err", "")))

@@ -155,3 +155,7 @@ class HostedParent(Protocol):
     def stop(self) -> None:
         """Remove devices (unserving them) and leave sysfs."""
         ...
+
+    def banner(self, sysfs: Path, run_dir: Path) -> list[str]:
+        """Lines for mdevd's start banner: how to use it."""
+        ...

@@ -1,9 +1,11 @@
 """``mdevd serve``: mount the mirror, register parents, serve devices until a signal.
 
 Startup order: parents (built-ins, then --parent), the server manager,
---persist restore, the mirror mount, then the banner ending in
-"mdevd: ready".  SIGTERM/SIGINT: stop following persistence (records stay),
-disconnect clients and stop servers (sockets unlinked), unmount, exit 0.
+--persist restore, hosted parents (the pds card, mdevcore.daemon.hosts),
+the control socket <run-dir>/mdevd.ctl (``mdevd devlink``), the mirror
+mount, then the banner ending in "mdevd: ready".  SIGTERM/SIGINT: stop
+following persistence (records stay), stop hosted parents, disconnect
+clients and stop servers (sockets unlinked), unmount, exit 0.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from mdevcore.core import MdevCore
 from mdevcore.daemon import builtins
+from mdevcore.daemon.control import ControlServer
+from mdevcore.daemon.devlink import DevlinkRegistry, control_path
+from mdevcore.daemon.hosts import HostContext, HostedParent, NamedServers
 from mdevcore.daemon.persist import PersistStore
-from mdevcore.daemon.servers import ServerManager
+from mdevcore.daemon.servers import UNIX_PATH_MAX, ServerManager
 from mdevcore.sysfs import MdevSysfs, qemu_device_arg
 from mdevcore.sysfs.fuse import check_mountpoint, mounted
 from mdevcore.sysfs.mounts import clear_stale_mount
@@ -47,8 +54,10 @@ def serve(args: argparse.Namespace) -> int:
     if not args.no_builtins:
         builtins.register(core, builtins.BUILTIN_PARENTS, required=False)
     builtins.register(core, extra, required=True)
+    host_specs = () if args.no_builtins or args.no_pds else builtins.BUILTIN_HOSTS
+    hosts = builtins.load_hosts(host_specs, {"pds": _pds_options(args)}, run_dir)
     try:
-        trio.run(_serve, core, sysfs, run_dir, args.persist)
+        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts)
     except BaseExceptionGroup as group:
         sole = _sole_os_error(group)
         if sole is group:
@@ -68,20 +77,48 @@ def _sole_os_error(group: BaseExceptionGroup) -> BaseException:
     return leaf
 
 
-async def _serve(core: MdevCore, sysfs: Path, run_dir: Path, persist_dir: Path | None) -> None:
+def _pds_options(args: argparse.Namespace) -> dict[str, str]:
+    names = ("pf", "total_vfs", "ns_size", "backing_dir", "doorbells")
+    values = {name: getattr(args, f"pds_{name}", None) for name in names}
+    return {name: str(value) for name, value in values.items() if value is not None}
+
+
+async def _serve(
+    core: MdevCore,
+    sysfs: Path,
+    run_dir: Path,
+    persist_dir: Path | None,
+    hosts: Sequence[HostedParent] = (),
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             servers = ServerManager(core, run_dir, nursery)
+            host_servers = NamedServers(run_dir, nursery)
+            devlink = DevlinkRegistry()
+
+            async def settle() -> None:
+                await servers.settle()
+                await host_servers.settle()
+
             persist = PersistStore(core, persist_dir) if persist_dir else None
             if persist is not None:
                 restored = persist.restore()
                 persist.start()
                 log.info("persist: recreated %d device(s) from %s", restored, persist_dir)
             view = MdevSysfs(core, socket_path=servers.socket_path)
+            started: list[HostedParent] = []
             try:
-                async with mounted(view.tree, sysfs, settle=servers.settle):
-                    await servers.settle()
-                    _print_banner(core, sysfs, run_dir)
+                for host in hosts:
+                    host.start(HostContext(view.tree, host_servers, devlink, run_dir))
+                    started.append(host)
+                ctl = control_path(run_dir)
+                if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
+                    await nursery.start(ControlServer(ctl, devlink, settle).serve)
+                else:
+                    log.warning("%s is too long for AF_UNIX: no control socket (devlink)", ctl)
+                async with mounted(view.tree, sysfs, settle=settle):
+                    await settle()
+                    _print_banner(core, sysfs, run_dir, started)
                     async for signum in signals:
                         log.info("%s: shutting down", signal.Signals(signum).name)
                         break
@@ -89,13 +126,23 @@ async def _serve(core: MdevCore, sysfs: Path, run_dir: Path, persist_dir: Path |
                 with trio.CancelScope(shield=True):
                     if persist is not None:
                         persist.stop()  # shutting down must not forget the devices
+                    for host in reversed(started):
+                        try:
+                            host.stop()  # unbinds and removes its devices
+                        except Exception:
+                            log.exception("hosted parent %s failed to stop", host.name)
+                    await host_servers.aclose()
                     await servers.aclose()
                     view.close()
                 nursery.cancel_scope.cancel()
 
 
-def _print_banner(core: MdevCore, sysfs: Path, run_dir: Path) -> None:
+def _print_banner(
+    core: MdevCore, sysfs: Path, run_dir: Path, hosts: Sequence[HostedParent] = ()
+) -> None:
     lines = [f"mdevd: sysfs mirror at {sysfs}, vfio-user sockets in {run_dir}"]
+    for host in hosts:
+        lines += [f"mdevd: {line}" for line in host.banner(sysfs, run_dir)]
     for parent in core.parents.values():
         for type_id in parent.types:
             create = sysfs / parent.location / "mdev_supported_types" / type_id / "create"

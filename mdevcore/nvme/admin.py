@@ -10,9 +10,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from mdevcore.nvme import identify, logpages
+from mdevcore.nvme import identify, logpages, shadow
 from mdevcore.nvme.features import DEFAULT_ARBITRATION
-from mdevcore.nvme.prp import write_guest
+from mdevcore.nvme.prp import translate, write_guest
 from mdevcore.nvme.queues import HELD, Command, CompletionQueue, SubmissionQueue
 from mdevcore.nvme.spec import (
     BROADCAST_NSID,
@@ -74,10 +74,12 @@ def create_io_cq(ctrl: NvmeController, cmd: Command) -> int:
     vector = cmd.cdw11 >> 16
     if vector >= ctrl.irq_vectors():
         raise specific(CommandSpecific.INVALID_INTERRUPT_VECTOR, f"vector {vector}")
-    ctrl.cqs[qid] = CompletionQueue(
+    cq = ctrl.cqs[qid] = CompletionQueue(
         qid, cmd.prp1, size, vector=vector, irq_enabled=bool(cmd.cdw11 & 2)
     )
     ctrl.doorbells[2 * qid + 1] = 0
+    if ctrl.shadow is not None:
+        ctrl.shadow.publish_cq(ctrl.dma, cq)
     ctrl.features.queues_set_locked = True
     return 0
 
@@ -89,9 +91,11 @@ def create_io_sq(ctrl: NvmeController, cmd: Command) -> int:
     if cqid == 0 or cqid not in ctrl.cqs:
         raise specific(CommandSpecific.INVALID_CQ, f"completion queue {cqid}")
     qid, size = _check_new_queue(ctrl, cmd, ctrl.sqs, ctrl.features.sq_allocated)
-    ctrl.sqs[qid] = SubmissionQueue(qid, cmd.prp1, size, cqid=cqid)
+    sq = ctrl.sqs[qid] = SubmissionQueue(qid, cmd.prp1, size, cqid=cqid)
     ctrl.cqs[cqid].sqids.add(qid)
     ctrl.doorbells[2 * qid] = 0
+    if ctrl.shadow is not None:
+        ctrl.shadow.publish_sq(ctrl.dma, sq)
     ctrl.features.queues_set_locked = True
     return 0
 
@@ -284,6 +288,24 @@ def abort(ctrl: NvmeController, cmd: Command) -> int:
     return 1  # DW0 bit 0: command not aborted
 
 
+def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> int:
+    if not ctrl.config.shadow_doorbells:
+        raise generic(Generic.INVALID_OPCODE, "shadow doorbells not offered")
+    for what, addr in (("shadow doorbell", cmd.prp1), ("EventIdx", cmd.prp2)):
+        if not addr or addr & (ctrl.page_size - 1):
+            raise generic(Generic.INVALID_FIELD, f"{what} buffer {addr:#x} not page aligned")
+        translate(ctrl.dma, addr, shadow.PAGE, what == "EventIdx").release()
+    ctrl.shadow = shadow.ShadowDoorbells(cmd.prp1, cmd.prp2)
+    # Queues that exist already: their shadow values are the host's from now on.
+    for sq in ctrl.sqs.values():
+        if sq.qid:
+            ctrl.shadow.publish_sq(ctrl.dma, sq)
+    for cq in ctrl.cqs.values():
+        if cq.qid:
+            ctrl.shadow.publish_cq(ctrl.dma, cq)
+    return 0
+
+
 def keep_alive(ctrl: NvmeController, cmd: Command) -> int:
     ctrl.last_keep_alive = ctrl.clock()
     return 0
@@ -301,6 +323,7 @@ _HANDLERS: dict[int, Handler] = {
     AdminOpcode.GET_FEATURES: get_features,
     AdminOpcode.ASYNC_EVENT_REQUEST: async_event_request,
     AdminOpcode.KEEP_ALIVE: keep_alive,
+    AdminOpcode.DOORBELL_BUFFER_CONFIG: doorbell_buffer_config,
 }
 
 __all__ = ["execute", "NvmeError"]

@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
-from mdevcore.nvme import admin, nvm
+from mdevcore.nvme import admin, nvm, state
 from mdevcore.nvme.features import Features
 from mdevcore.nvme.identify import ControllerConfig
 from mdevcore.nvme.interrupts import InterruptLogic
@@ -29,6 +29,7 @@ from mdevcore.nvme.logpages import AsyncEvent, AsyncEvents, ErrorLog, SmartCount
 from mdevcore.nvme.namespace import FileNamespace
 from mdevcore.nvme.prp import DmaSpace
 from mdevcore.nvme.queues import HELD, CompletionQueue, SubmissionQueue
+from mdevcore.nvme.shadow import ShadowDoorbells, fence
 from mdevcore.nvme.spec import (
     AER_INFO_INVALID_DOORBELL_REGISTER,
     AER_INFO_INVALID_DOORBELL_VALUE,
@@ -127,6 +128,7 @@ class NvmeController:
         self.last_keep_alive = clock()
         self._rr_next = 0  # round-robin position among I/O SQs
         self.commands_done = 0  # lifetime count, lets a poller see activity
+        self.shadow: ShadowDoorbells | None = None  # set by Doorbell Buffer Config
 
     def _capabilities(self) -> int:
         cfg = self.config
@@ -144,6 +146,26 @@ class NvmeController:
         """Drop the views of doorbell memory (so a shared mapping can be unmapped)."""
         self.doorbells.release()
         self._doorbell_mem.release()
+
+    # --- migration ------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """Everything needed to resume elsewhere (see mdevcore.nvme.state)."""
+        return state.snapshot(self)
+
+    def load_state(self, saved: object) -> None:
+        """Become the controller ``saved`` describes; OSError(EINVAL) if it does not fit."""
+        state.restore(self, saved)
+
+    def kick_interrupts(self) -> None:
+        """Interrupt every CQ holding entries the host has not consumed.
+
+        Spurious interrupts are harmless to an NVMe host; a lost one after
+        migration would stall a queue.
+        """
+        for cq in self.cqs.values():
+            if cq.irq_enabled and cq.head != cq.tail:
+                self.irq.completions_posted(cq.vector, 0, coalescible=False)
 
     # --- state queries ----------------------------------------------------
 
@@ -272,6 +294,7 @@ class NvmeController:
         """Controller Level Reset: queues, features and events go; AQA/ASQ/ACQ stay."""
         self.sqs.clear()
         self.cqs.clear()
+        self.shadow = None
         self.features.reset()
         self.events.reset()
         self.irq.reset()
@@ -314,26 +337,49 @@ class NvmeController:
 
     def _read_doorbells(self) -> None:
         db = self.doorbells
-        for cq in self.cqs.values():
-            head = db[2 * cq.qid + 1]
-            if head == cq.head:
-                continue
-            if head >= cq.size:
-                if cq.bad_head != head:
-                    cq.bad_head = head
-                    self._invalid_doorbell_value("CQ", cq.qid, head)
-                continue
-            cq.head = head
-        for sq in self.sqs.values():
-            tail = db[2 * sq.qid]
-            if tail == sq.tail:
-                continue
-            if tail >= sq.size:
-                if sq.bad_tail != tail:
-                    sq.bad_tail = tail
-                    self._invalid_doorbell_value("SQ", sq.qid, tail)
-                continue
-            sq.tail = tail
+        shadow = self.shadow
+        try:
+            for cq in self.cqs.values():
+                index = 2 * cq.qid + 1
+                head = shadow.read(self.dma, index) if shadow and cq.qid else db[index]
+                if head == cq.head:
+                    continue
+                if head >= cq.size:
+                    if cq.bad_head != head:
+                        cq.bad_head = head
+                        self._invalid_doorbell_value("CQ", cq.qid, head)
+                    continue
+                cq.head = head
+            for sq in self.sqs.values():
+                index = 2 * sq.qid
+                tail = shadow.read(self.dma, index) if shadow and sq.qid else db[index]
+                if tail == sq.tail:
+                    continue
+                if tail >= sq.size:
+                    if sq.bad_tail != tail:
+                        sq.bad_tail = tail
+                        self._invalid_doorbell_value("SQ", sq.qid, tail)
+                    continue
+                sq.tail = tail
+        except NvmeError as exc:
+            log.error("%s: shadow doorbell page unreadable: %s", self.name, exc)
+            self.csts |= CSTS_CFS
+
+    def _publish_event_indexes(self) -> None:
+        """Tell the host (shadow doorbells) which doorbell moves need an MMIO write."""
+        shadow = self.shadow
+        if shadow is None:
+            return
+        try:
+            for sq in self.sqs.values():
+                if sq.qid:
+                    shadow.publish_sq(self.dma, sq)
+            for cq in self.cqs.values():
+                if cq.qid:
+                    shadow.publish_cq(self.dma, cq)
+        except NvmeError as exc:
+            log.error("%s: EventIdx page unwritable: %s", self.name, exc)
+            self.csts |= CSTS_CFS
 
     def _invalid_doorbell_value(self, kind: str, qid: int, value: int) -> None:
         log.warning("%s: invalid %s %d doorbell value %d", self.name, kind, qid, value)
@@ -348,7 +394,8 @@ class NvmeController:
         taking up to the arbitration burst (2**AB commands) per turn.  A
         queue whose CQ is full waits for the host to move the CQ head.
         """
-        if not self.ready:
+        if not self.ready or self.csts & CSTS_CFS:
+            # Fatal status: nothing runs until the host resets the controller.
             return False
         self._read_doorbells()
         for cq in self.cqs.values():
@@ -379,11 +426,25 @@ class NvmeController:
                     progress = True
                     self._rr_next = sq.qid + 1
         self._signal_completions()
+        if any(self._runnable(sq) for sq in self.sqs.values()):
+            return True
+        if self.shadow is not None:
+            # Idle: ask for an MMIO ring on the next submission, then look
+            # again - the host may have written a shadow doorbell meanwhile.
+            self._publish_event_indexes()
+            fence()
+            self._read_doorbells()
         return any(self._runnable(sq) for sq in self.sqs.values())
 
     def _runnable(self, sq: SubmissionQueue) -> bool:
         cq = self.cqs.get(sq.cqid)
-        return sq.pending and cq is not None and not cq.full and not cq.overflow and self.ready
+        return (
+            sq.pending
+            and cq is not None
+            and not cq.full
+            and not cq.overflow
+            and self.csts & (CSTS_RDY | CSTS_CFS) == CSTS_RDY
+        )
 
     def _execute_one(self, sq: SubmissionQueue) -> None:
         self.commands_done += 1
@@ -408,7 +469,9 @@ class NvmeController:
             dw0 = int(result)  # type: ignore[call-overload]
         except NvmeError as exc:
             status = exc.status
-            log.info(
+            # debug: failing commands are ordinary (drivers probe optional
+            # features) and a guest must not be able to flood the log.
+            log.debug(
                 "%s: SQ %d cid %d opcode %#x failed: %s",
                 self.name,
                 sq.qid,

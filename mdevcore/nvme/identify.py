@@ -10,6 +10,7 @@ from mdevcore.nvme.spec import CQES_LOG2, SQES_LOG2, VERSION_1_4
 
 IDENTIFY_SIZE = 4096
 
+OACS_DOORBELL_BUFFER_CONFIG = 1 << 8
 # ONCS bits: the optional NVM commands this controller executes.
 ONCS_DSM = 1 << 2
 ONCS_WRITE_ZEROES = 1 << 3
@@ -41,6 +42,7 @@ class ControllerConfig:
     error_log_entries: int = 16
     timeout_500ms: int = 20  # CAP.TO: worst-case RDY transition time
     subnqn: str = ""
+    shadow_doorbells: bool = True  # offer Doorbell Buffer Config (OACS bit 8)
 
     @property
     def max_transfer(self) -> int:
@@ -64,6 +66,8 @@ def identify_controller(config: ControllerConfig, nn: int) -> bytes:
     data[77] = config.mdts
     struct.pack_into("<HI", data, 78, config.cntlid, VERSION_1_4)
     data[111] = 1  # CNTRLTYPE: I/O controller
+    if config.shadow_doorbells:
+        struct.pack_into("<H", data, 256, OACS_DOORBELL_BUFFER_CONFIG)
     data[258] = config.acl
     data[259] = config.aerl
     data[260] = 0x03  # FRMW: one firmware slot, slot 1 read-only

@@ -42,15 +42,15 @@ class ErrorLog:
 
     def __init__(self, capacity: int) -> None:
         self.count = 0  # lifetime errors; entry counts are 1-based and unique
-        self._entries: collections.deque[ErrorEntry] = collections.deque(maxlen=capacity)
+        self.entries: collections.deque[ErrorEntry] = collections.deque(maxlen=capacity)
         self._capacity = capacity
 
     def record(self, sqid: int, cid: int, status: int, lba: int = 0, nsid: int = 0) -> None:
         self.count += 1
-        self._entries.appendleft(ErrorEntry(self.count, sqid, cid, status, lba, nsid))
+        self.entries.appendleft(ErrorEntry(self.count, sqid, cid, status, lba, nsid))
 
     def page(self) -> bytes:
-        raw = b"".join(e.encode() for e in self._entries)
+        raw = b"".join(e.encode() for e in self.entries)
         return raw.ljust(self._capacity * ERROR_ENTRY_SIZE, b"\0")
 
 

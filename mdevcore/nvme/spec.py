@@ -63,6 +63,7 @@ class AdminOpcode(enum.IntEnum):
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
     KEEP_ALIVE = 0x18
+    DOORBELL_BUFFER_CONFIG = 0x7C
 
 
 class IoOpcode(enum.IntEnum):

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from mdevcore.vfio_user import wire
 from mdevcore.vfio_user.backend import (
@@ -45,9 +43,6 @@ from mdevcore.vfio_user.backend import (
     DmaMapping,
 )
 from mdevcore.vfio_user.constants import (
-    CLIENT_MAX_MSG_FDS_LIMIT,
-    DEFAULT_MAX_DATA_XFER_SIZE,
-    DEFAULT_MAX_MSG_FDS,
     DMA_MAP_FLAG_FILE_IO,
     DMA_MAP_FLAG_MMAP,
     FLAG_ERROR,
@@ -57,14 +52,19 @@ from mdevcore.vfio_user.constants import (
     HEADER_SIZE,
     MSG_SIZE_SLACK,
     SERVER_MAX_DATA_XFER_SIZE,
-    SERVER_MAX_DMA_MAPS,
     SERVER_MAX_MSG_FDS,
-    SERVER_PGSIZES,
     VERSION_MAJOR,
     VERSION_MINOR,
     WRITE_MULTI_DATA_SIZE,
     WRITE_MULTI_MAX,
     Command,
+)
+from mdevcore.vfio_user.negotiate import (
+    ClientCaps,
+    VersionError,
+    caps_from_json,
+    parse_version_json,
+    server_caps_json,
 )
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS, RawMessage
 
@@ -99,85 +99,8 @@ class DmaResult:
     data: bytes = b""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClientCaps:
-    """What the client announced in VERSION (defaults when absent)."""
-
-    major: int = 0
-    minor: int = 0
-    max_msg_fds: int = DEFAULT_MAX_MSG_FDS
-    max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER_SIZE
-    migration_pgsize: int | None = None
-    write_multiple: bool = False
-
-
 def _bad(why: str) -> RequestError:
     return RequestError(errno.EINVAL, why)
-
-
-def _int_cap(caps: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    if key not in caps:
-        return default
-    value = caps[key]
-    # bool is an int in Python; JSON true is not a number.
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise _bad(f"capability {key}={value!r} refused")
-    return value
-
-
-def parse_version_json(raw: bytes) -> dict[str, Any]:
-    """The capabilities object of a VERSION payload (after major/minor).
-
-    Rules as libvfio-user: the JSON must be NUL terminated and parse; a
-    missing "capabilities" is fine; typed values are checked; unknown keys
-    (including QEMU's legacy "migration" object) are accepted.
-    """
-    if not raw:
-        return {}
-    if raw[-1] != 0:
-        raise _bad("VERSION JSON not NUL terminated")
-    try:
-        top = json.loads(raw[:-1].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _bad(f"VERSION JSON does not parse: {e}") from None
-    if not isinstance(top, dict):
-        raise _bad("VERSION JSON is not an object")
-    caps = top.get("capabilities", {})
-    if not isinstance(caps, dict):
-        raise _bad("capabilities is not an object")
-    return caps
-
-
-def caps_from_json(major: int, minor: int, caps: dict[str, Any]) -> ClientCaps:
-    max_fds = _int_cap(caps, "max_msg_fds", DEFAULT_MAX_MSG_FDS, 0, CLIENT_MAX_MSG_FDS_LIMIT)
-    xfer = _int_cap(caps, "max_data_xfer_size", DEFAULT_MAX_DATA_XFER_SIZE, 1, 1 << 62)
-    _int_cap(caps, "pgsizes", SERVER_PGSIZES, 1, (1 << 64) - 1)
-    _int_cap(caps, "max_dma_maps", SERVER_MAX_DMA_MAPS, 0, (1 << 64) - 1)
-    pgsize = None
-    mig = caps.get("migration")
-    if mig is not None:
-        if not isinstance(mig, dict):
-            raise _bad("migration capability is not an object")
-        if "pgsize" in mig:
-            pgsize = _int_cap(mig, "pgsize", 0, 1, 1 << 62)
-        _int_cap(mig, "max_bitmap_size", 0, 0, (1 << 64) - 1)
-    wm = caps.get("write_multiple", False)
-    if not isinstance(wm, bool):
-        raise _bad("write_multiple is not a boolean")
-    return ClientCaps(major, minor, max_fds, xfer, pgsize, wm)
-
-
-def server_caps_json() -> bytes:
-    caps = {
-        "capabilities": {
-            "max_msg_fds": SERVER_MAX_MSG_FDS,
-            "max_data_xfer_size": SERVER_MAX_DATA_XFER_SIZE,
-            "pgsizes": SERVER_PGSIZES,
-            "max_dma_maps": SERVER_MAX_DMA_MAPS,
-            "write_multiple": True,
-        }
-    }
-    return json.dumps(caps, separators=(",", ":")).encode() + b"\0"
 
 
 _Handler = Callable[["Connection", RawMessage], tuple[bytes, Sequence[int]]]
@@ -459,7 +382,7 @@ class Connection:
             raise refuse(f"client major {head.major}, ours {VERSION_MAJOR}")
         try:
             caps = caps_from_json(head.major, head.minor, parse_version_json(p[4:]))
-        except RequestError as e:
+        except VersionError as e:
             raise refuse(str(e)) from None
         self.client_caps = caps
         self.negotiated = True

@@ -1,10 +1,12 @@
 """The trio server: one UNIX socket per device, one client at a time.
 
 A thin shell around ``engine.Connection``.  The hot path uses a raw
-non-blocking stdlib socket: recvmsg is tried first and
-``trio.lowlevel.wait_readable`` awaited only on EAGAIN; every whole message
-in what arrived is handled before replying, and the replies go out in one
-sendmsg (trio.socket would add ~6 us per round trip here, PYSTACK.md 4).
+non-blocking stdlib socket: recvmsg_into (one buffer per connection) is
+tried first and ``trio.lowlevel.wait_readable`` awaited only on EAGAIN;
+every whole message in what arrived is handled before replying, and the
+replies go out in one send (trio.socket would add ~6 us per round trip
+here, PYSTACK.md 4).  While a client sends bursts, the reader polls the
+socket for up to ``spin_us`` (default 0: off) before parking in trio.
 
 One client at a time: while one is served the server does not accept, so a
 second connection waits in the listen backlog (its VERSION unanswered)
@@ -44,10 +46,12 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # Room for more fds than we accept, so a client sending too many gets
 # EINVAL rather than silently truncated (and kernel-closed) fds.
 _CMSG_SPACE = socket.CMSG_SPACE(4 * SERVER_MAX_MSG_FDS * 8)
-# Polling for the next request this long after a reply halves the round
-# trip here (benchmarks/vfio_user_rtt.py); costs at most this much CPU per
-# message and this much delay to other tasks.
-DEFAULT_SPIN_US = 20.0
+# How long the reader polls for the next request of a bursting client
+# before parking in trio (a park + wakeup costs ~5 us here).  At most this
+# much CPU per message and this much delay to other tasks of the trio run.
+# Off by default: on this 2-core VM, shared with QEMU and other devices, it
+# helped some runs and hurt others (benchmarks/vfio_user_rtt.py, "spin 20").
+DEFAULT_SPIN_US = 0.0
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -107,6 +111,8 @@ class _Client:
         # size, ~35 us - so receive into one buffer kept for the connection.
         self._rbuf = bytearray(_RECV_SIZE)
         self._rview = memoryview(self._rbuf)
+        self.parks = 0  # waits in trio for the socket
+        self.spin_hits = 0  # requests caught by polling instead
 
     # --- sending --------------------------------------------------------
 
@@ -221,8 +227,10 @@ class _Client:
             except BlockingIOError:
                 got = self._spin_recv() if burst else None
                 if got is None:
+                    self.parks += 1
                     await trio.lowlevel.wait_readable(sock)
                     continue
+                self.spin_hits += 1
                 n, ancdata, msg_flags = got
             except OSError as e:
                 log.info("%s: connection error: %s", self.name, e)
@@ -300,7 +308,13 @@ class DeviceServer:
         os.unlink(self.path)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, then serve clients one after another until cancelled."""
+        """Listen, then serve clients one after another until cancelled.
+
+        Unlinks a stale socket first (EEXIST if the path is not a socket),
+        calls ``task_status.started()`` once listening, runs
+        ``backend.run()`` alongside for the whole time (an exception from it
+        ends serve), and on exit drops the client and unlinks the socket.
+        """
         self._unlink_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -357,7 +371,12 @@ class DeviceServer:
                 self.backend.disconnected()
             except Exception:
                 log.exception("%s: device failed in disconnected()", client.name)
-            log.info("%s: client gone", client.name)
+            log.info(
+                "%s: client gone (%d parks, %d requests caught spinning)",
+                client.name,
+                client.parks,
+                client.spin_hits,
+            )
 
 
 async def serve_forever(

@@ -101,7 +101,9 @@ class PdsCoreDriver(PciDriver):
 
     def _set_enable_lm(self, fn: PciFunction, on: bool) -> None:
         assert fn.sriov is not None
-        busy = [vf.name for vf in fn.sriov.vfs if vf.driver is not None and vf.driver.name == "pds_vfio"]
+        busy = [
+            vf.name for vf in fn.sriov.vfs if vf.driver is not None and vf.driver.name == "pds_vfio"
+        ]
         if busy:
             raise DevlinkError(
                 errno.EBUSY, f"VF {busy[0]} is bound to pds_vfio; unbind it to change enable_lm"
@@ -208,6 +210,16 @@ class PdsHost:
         device = PdsCorePf(self.config)
         self.pf = PciFunction(device.cfg.pf_bdf, device, sriov=Sriov(provider=device))
         bus.add_function(self.pf)
+
+    def banner(self, sysfs: Path, run_dir: Path) -> list[str]:
+        pf = self.config.pf
+        return [
+            f"pds PF {pf}: VFs: echo N > {sysfs}/bus/pci/devices/{pf}/sriov_numvfs",
+            f"pds live migration: mdevd devlink --run-dir {run_dir} dev param set pci/{pf} "
+            "name enable_lm value true cmode runtime",
+            f"pds VF to vfio-user: echo pds_vfio > .../<VF>/driver_override; "
+            f"echo <VF> > {sysfs}/bus/pci/drivers/pds_vfio/bind",
+        ]
 
     def stop(self) -> None:
         if self.pf is not None:

@@ -53,6 +53,10 @@ class PdsConfig:
     vf_stride: int = 1
     doorbells: str = "trapped"
 
+    @property
+    def pf_bdf(self) -> Bdf:
+        return Bdf.parse(self.pf)
+
     def __post_init__(self) -> None:
         bdf = Bdf.parse(self.pf)
         if not 1 <= self.total_vfs <= 255:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
+import json
 import logging
 import math
 import os
@@ -30,6 +32,7 @@ from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.spec import DOORBELL_BASE
 from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
+from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_STOP_COPY, MigState
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,12 @@ MSIX_BAR = 4
 MSIX_BAR_SIZE = 0x4000
 MSIX_PBA_OFFSET = 0x2000
 
-# Adaptive polling of mmapped doorbells: spin (yielding) this long after the
-# last command, then sleep in growing steps up to the maximum.
-POLL_SPIN_SECONDS = 200e-6
-POLL_SLEEP_MIN = 50e-6
-POLL_SLEEP_MAX = 2e-3
+# Adaptive polling of mmapped doorbells: after the last command, keep
+# polling between trio checkpoints for ``VfConfig.poll_spin`` seconds (a
+# guest at queue depth 1 rings again within that), then sleep in growing
+# steps.  trio sleeps are epoll timeouts: anything below 1 ms costs 1 ms.
+POLL_SLEEP_MIN = 1e-3
+POLL_SLEEP_MAX = 8e-3
 
 
 class DoorbellMode(enum.Enum):
@@ -67,9 +71,25 @@ class VfConfig:
     serial: str = "PDSVF0001"
     model: str = "Pensando NVMe VF (mdevcore)"
     direct: bool = True
+    poll_spin: float = 50e-3  # mmap mode: seconds of busy polling after activity
+
+
+STATE_MAGIC = b"PDS-NVME-VF/1\n"
+MAX_STATE_BYTES = 4 << 20
+# Migration states in which the controller executes commands.
+_EXECUTING = (MigState.RUNNING, MigState.RUNNING_P2P, MigState.PRE_COPY)
 
 
 class PdsNvmeVf(PciDevice):
+    """Live-migratable like pds VFs: STOP_COPY and P2P (no PRE_COPY).
+
+    The migration stream is the controller state (mdevcore.nvme.state) plus
+    config space and the MSI-X table; namespace data stays in the backing
+    file, which both ends share.
+    """
+
+    migration_flags = MIGRATION_STOP_COPY | MIGRATION_P2P
+
     def __init__(self, vf: VfConfig, *, name: str = "pds-nvme-vf") -> None:
         super().__init__(
             PciIdentity(
@@ -116,6 +136,7 @@ class PdsNvmeVf(PciDevice):
             name=name,
         )
         self._wake = trio.Event()
+        self._restored = False  # state loaded: kick interrupts when running again
 
     # --- interrupts ---------------------------------------------------------
 
@@ -146,6 +167,46 @@ class PdsNvmeVf(PciDevice):
         self.controller.reset()
         self._wake.set()
 
+    # --- migration ----------------------------------------------------------------
+
+    def on_migration_state(self, old: MigState, new: MigState) -> None:
+        if new in _EXECUTING:
+            if self._restored:
+                self._restored = False
+                self.controller.kick_interrupts()
+            self._wake.set()  # doorbells rung while stopped are served now
+
+    def save_state(self) -> bytes:
+        blob = {
+            "controller": self.controller.save_state(),
+            "config": self.config.read(0, self.config.size).hex(),
+            "msix_table": bytes(self._msix_table).hex(),
+        }
+        return STATE_MAGIC + json.dumps(blob, separators=(",", ":")).encode()
+
+    def load_state(self, data: bytes) -> None:
+        if not data.startswith(STATE_MAGIC) or len(data) > MAX_STATE_BYTES:
+            raise OSError(errno.EINVAL, "not a pds NVMe VF state")
+        try:
+            blob = json.loads(data[len(STATE_MAGIC) :])
+            config = bytes.fromhex(blob["config"])
+            msix_table = bytes.fromhex(blob["msix_table"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OSError(errno.EINVAL, f"pds NVMe VF state unreadable: {exc}") from None
+        if len(config) != self.config.size or len(msix_table) != len(self._msix_table):
+            raise OSError(errno.EINVAL, "pds NVMe VF state from a different device layout")
+        # Config space first: the controller checks vectors against MSI-X.
+        previous = self.config.read(0, self.config.size)
+        self.config.update(0, config)
+        try:
+            self.controller.load_state(blob["controller"])
+        except OSError:
+            self.config.update(0, previous)
+            raise
+        self._msix_table[:] = msix_table
+        self._restored = True
+        log.info("%s: state restored", self.name)
+
     def close(self) -> None:
         self.controller.close()
         self.namespace.close()
@@ -159,6 +220,10 @@ class PdsNvmeVf(PciDevice):
         idle_since = trio.current_time()
         sleep = POLL_SLEEP_MIN
         while True:
+            if self.mig_state not in _EXECUTING:
+                await self._wake.wait()  # stopped for migration: touch nothing
+                self._wake = trio.Event()
+                continue
             before = ctrl.commands_done
             more = ctrl.process()
             now = trio.current_time()
@@ -173,7 +238,7 @@ class PdsNvmeVf(PciDevice):
                 idle_since, sleep = now, POLL_SLEEP_MIN
             wait = math.inf if deadline is None else max(0.0, deadline - ctrl.clock())
             if self.mode is DoorbellMode.MMAP and ctrl.ready:
-                if now - idle_since < POLL_SPIN_SECONDS:
+                if now - idle_since < self.vf.poll_spin:
                     wait = 0.0
                 else:
                     wait = min(wait, sleep)

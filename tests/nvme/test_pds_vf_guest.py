@@ -61,6 +61,13 @@ echo "after-reset ${{sum%% *}}"
 """
 
 
+# How the guest's driver gets its interrupts (lspci -vv shows "MSI-X: Enable+").
+IRQ_REPORT = """
+if lspci -vv -s $dev | grep -q "MSI-X: Enable+"; then echo "irq MSI-X"; else echo "irq INTx"; fi
+grep -i nvme /proc/interrupts | head -3
+"""
+
+
 @pytest.fixture(scope="module")
 def lab() -> Lab:
     return Lab.ensure()
@@ -82,20 +89,16 @@ def file_sha256(path: str, offset_mib: int) -> str:
 
 
 @pytest.mark.parametrize(
-    "mode",
+    ("mode", "kernel_args"),
     [
-        DoorbellMode.TRAPPED,
-        pytest.param(
-            DoorbellMode.MMAP,
-            marks=pytest.mark.xfail(
-                reason="vfio_user wire.region_info_reply sets REGION_FLAG_CAPS with cap_offset 0 "
-                "when argsz is short; QEMU then refuses region 0 (EINVAL)",
-            ),
-        ),
+        (DoorbellMode.TRAPPED, ()),
+        (DoorbellMode.MMAP, ()),
+        (DoorbellMode.TRAPPED, ("pci=nomsi",)),  # INTx only: the legacy interrupt path
     ],
+    ids=["trapped-msix", "mmap-msix", "trapped-intx"],
 )
 async def test_guest_nvme_driver_reads_back_patterns(
-    lab: Lab, workdir: str, mode: DoorbellMode
+    lab: Lab, workdir: str, mode: DoorbellMode, kernel_args: tuple[str, ...]
 ) -> None:
     backing = os.path.join(workdir, "vf.img")
     vf = PdsNvmeVf(VfConfig(backing=backing, size=NS_MIB << 20, doorbells=mode, io_queues=4))
@@ -105,7 +108,11 @@ async def test_guest_nvme_driver_reads_back_patterns(
         async with trio.open_nursery() as nursery:
             await nursery.start(DeviceServer(vf, sock, name="pds-vf").serve)
             result = await lab.aboot(
-                GUEST_SCRIPT, devices=[device], timeout=600, extra_binaries=["fio"]
+                GUEST_SCRIPT + IRQ_REPORT,
+                devices=[device],
+                timeout=600,
+                extra_binaries=["fio"],
+                kernel_args=kernel_args,
             )
             nursery.cancel_scope.cancel()
     finally:
@@ -123,3 +130,6 @@ async def test_guest_nvme_driver_reads_back_patterns(
     assert "fio ok" in out, out
     assert "state live" in out
     assert f"after-reset {expected}" in out
+    irq_kind = re.search(r"^irq (\S+)$", out, re.M)
+    assert irq_kind is not None, out
+    assert irq_kind.group(1) == ("INTx" if kernel_args else "MSI-X"), out

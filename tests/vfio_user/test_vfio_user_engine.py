@@ -21,6 +21,8 @@ from mdevcore.vfio_user.constants import FLAG_ERROR, FLAG_NO_REPLY, FLAG_REPLY, 
 from mdevcore.vfio_user.engine import Connection, DmaResult
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS, Framer
 
+# Properties, not timings: a loaded machine must not fail them.
+NO_DEADLINE = settings(deadline=None)
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 u64 = st.integers(0, (1 << 64) - 1)
@@ -64,12 +66,14 @@ def negotiated(device: FakeDevice) -> Connection:
 # --- layouts ---------------------------------------------------------------
 
 
+@NO_DEADLINE
 @given(u16, u16, u32, u32, u32)
 def test_header_round_trip(msg_id: int, cmd: int, size: int, flags: int, err: int) -> None:
     raw = wire.header(msg_id, cmd, size, flags, err)
     assert len(raw) == 16 and HEADER.unpack(raw) == (msg_id, cmd, size, flags, err)
 
 
+@NO_DEADLINE
 @given(u64, u32, u32, u64, u64)
 def test_hot_path_layouts_round_trip(off: int, region: int, count: int, a: int, n: int) -> None:
     assert REGION_ACCESS.unpack(REGION_ACCESS.pack(off, region, count)) == (off, region, count)
@@ -88,7 +92,7 @@ def _field_strategy(layout: object) -> st.SearchStrategy[dict[str, int]]:
 
 
 @pytest.mark.parametrize("name", sorted(wire.CONTROL_LAYOUTS))
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(data=st.data())
 def test_control_layouts_round_trip(name: str, data: st.DataObject) -> None:
     layout, size = wire.CONTROL_LAYOUTS[name]
@@ -107,6 +111,7 @@ def test_control_layouts_round_trip(name: str, data: st.DataObject) -> None:
 areas = st.lists(st.builds(SparseArea, u32, u32), max_size=6).map(tuple)
 
 
+@NO_DEADLINE
 @given(
     st.integers(0, 20),
     st.integers(0, 15),
@@ -162,6 +167,7 @@ def test_framer_gives_fds_to_the_last_message_starting_in_the_chunk() -> None:
     os.close(fa)
 
 
+@NO_DEADLINE
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=20), st.data())
 def test_framer_any_chunking_gives_the_same_messages(sizes: list[int], data: st.DataObject) -> None:
     msgs = [request(i, Command.REGION_WRITE, bytes([i]) * n) for i, n in enumerate(sizes)]

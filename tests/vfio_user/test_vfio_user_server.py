@@ -23,6 +23,7 @@ from vfio_user_fakedev import (
     DMA_ERRORS,
     SPECIAL_REGION,
     SPECIAL_TYPE,
+    FakeDevice,
 )
 
 from mdevcore.vfio_user import wire
@@ -55,6 +56,7 @@ from mdevcore.vfio_user.constants import (
     SERVER_MAX_DATA_XFER_SIZE,
     Command,
 )
+from mdevcore.vfio_user.server import DeviceServer
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
 
 T = TypeVar("T")
@@ -767,3 +769,37 @@ async def test_client_vanishing_mid_reply_ends_only_its_connection(served: Serve
     while served.server.connected:
         await trio.sleep(0)
     assert served.device.disconnects == 6
+
+
+async def test_spinning_server_serves_the_same(sockdir: str) -> None:
+    """spin_us > 0 changes how the reader waits, never what it answers."""
+    device = FakeDevice()
+    path = os.path.join(sockdir, "spin.sock")
+
+    def go() -> None:
+        with connect_path(path) as c:
+            for i in range(300):
+                c.region_write(0, 8 * (i % 64), i.to_bytes(8, "little"))
+                assert u64(c.region_read(0, 8 * (i % 64), 8)) == i
+            guest = bytearray(b"spin-dma-source!" + bytes(48))
+            c.add_dma_buffer(0x5000, guest)
+            c.dma_map(0x5000, 0x40, RW)
+            c.region_write(0, DMA_DOORBELL, (0x5000).to_bytes(8, "little"))
+            while u64(c.region_read(0, DMA_DONE, 8)) < 1:
+                pass
+            assert guest[16:32] == b"spin-dma-source!"[::-1]
+
+    try:
+        async with trio.open_nursery() as nursery:
+            server = DeviceServer(device, path, name="spin", spin_us=200)
+            await nursery.start(server.serve)
+            await in_thread(go)
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+
+
+def connect_path(path: str) -> Client:
+    c = Client(path)
+    c.negotiate()
+    return c

@@ -1,0 +1,143 @@
+"""Guest-level 4 KiB random-read IOPS: our pds NVMe VF against QEMU's own NVMe.
+
+Boots lab guests (tools.lab, TCG on these machines) that run fio
+(libaio, O_DIRECT, 4 KiB randread) at queue depth 1 and 32 on
+/dev/nvme0n1, once per device variant, all over the same backing file:
+
+  qemu-nvme     QEMU's built-in ``-device nvme`` (cache=none)
+  pds-trapped   our VF over vfio-user, doorbells as REGION_WRITE messages
+  pds-mmap      our VF over vfio-user, doorbells in an mmapped page, polled
+
+Prints IOPS per variant and depth and the ratio of each VF variant to QEMU.
+
+    .venv/bin/python benchmarks/nvme_guest.py [--seconds 10] [--size-mib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import trio
+
+from mdevcore.vfio_user.server import DeviceServer
+from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
+from tools.lab import Lab
+
+DEPTHS = (1, 32)
+
+
+def guest_script(seconds: int, size_mib: int) -> str:
+    jobs = "\n".join(
+        f"fio --name=qd{qd} --filename=/dev/nvme0n1 --rw=randread --bs=4k --direct=1 "
+        f"--ioengine=libaio --iodepth={qd} --size={size_mib}M --runtime={seconds} "
+        f"--time_based --ramp_time=1 --output-format=json > /tmp/qd{qd}.json 2>/tmp/qd{qd}.err"
+        f' && echo "RESULT qd{qd} $(tr -d "\\n" < /tmp/qd{qd}.json)" || cat /tmp/qd{qd}.err'
+        for qd in DEPTHS
+    )
+    return f"""
+modprobe nvme
+i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+{jobs}
+"""
+
+
+def parse(output: str) -> dict[int, float]:
+    iops = {}
+    for line in output.splitlines():
+        if line.startswith("RESULT qd"):
+            tag, _, blob = line[len("RESULT ") :].partition(" ")
+            data = json.loads(blob[blob.index("{") :])
+            iops[int(tag[2:])] = float(data["jobs"][0]["read"]["iops"])
+    return iops
+
+
+async def run_vf(
+    lab: Lab, backing: str, size_mib: int, mode: DoorbellMode, script: str, timeout: float
+) -> dict[int, float]:
+    workdir = tempfile.mkdtemp(prefix="nvb-")
+    vf = PdsNvmeVf(VfConfig(backing=backing, size=size_mib << 20, doorbells=mode, io_queues=4))
+    sock = os.path.join(workdir, "vf.sock")
+    device = json.dumps({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}})
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(DeviceServer(vf, sock, name=f"pds-{mode.value}").serve)
+            result = await lab.aboot(
+                script, devices=[device], timeout=timeout, extra_binaries=["fio"]
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        vf.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if result.rc != 0:
+        raise RuntimeError(f"guest failed:\n{result.output}")
+    return parse(result.output)
+
+
+def run_qemu_nvme(lab: Lab, backing: str, script: str, timeout: float) -> dict[int, float]:
+    args = [
+        "-drive", f"file={backing},if=none,id=bench,format=raw,cache=none,aio=threads",
+        "-device", "nvme,drive=bench,serial=qemubench",
+    ]  # fmt: skip
+    result = lab.boot(script, qemu_args=args, timeout=timeout, extra_binaries=["fio"])
+    if result.rc != 0:
+        raise RuntimeError(f"guest failed:\n{result.output}")
+    return parse(result.output)
+
+
+def fill(path: str, size_mib: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size_mib):
+            f.write(chunk)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="fio runtime per depth")
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--variants", default="qemu-nvme,pds-trapped,pds-mmap")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    lab = Lab.ensure()
+    # The backing file must be inside a directory the lab can bind into the chroot.
+    workdir = tempfile.mkdtemp(prefix="nvme-bench-")
+    backing = os.path.join(workdir, "backing.img")
+    timeout = 120 + 4 * args.seconds * len(DEPTHS)
+    script = guest_script(args.seconds, args.size_mib)
+    results: dict[str, dict[int, float]] = {}
+    try:
+        fill(backing, args.size_mib)
+        for variant in args.variants.split(","):
+            if variant == "qemu-nvme":
+                results[variant] = run_qemu_nvme(lab, backing, script, timeout)
+            else:
+                mode = DoorbellMode(variant.removeprefix("pds-"))
+                results[variant] = trio.run(
+                    run_vf, lab, backing, args.size_mib, mode, script, timeout
+                )
+            print(
+                f"{variant:12s} "
+                + "  ".join(f"qd{qd}: {results[variant].get(qd, 0):8.0f} IOPS" for qd in DEPTHS),
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ref = results.get("qemu-nvme")
+    if ref:
+        for variant, iops in results.items():
+            if variant != "qemu-nvme":
+                ratios = "  ".join(
+                    f"qd{qd}: {iops.get(qd, 0) / ref[qd]:5.2f}x" for qd in DEPTHS if ref.get(qd)
+                )
+                print(f"ratio {variant} / qemu-nvme  {ratios}")
+    accel = lab.info()["accel"]
+    print(f"(guest: 1 vCPU, accel={accel}, {args.seconds}s per depth, {args.size_mib} MiB span)")
+
+
+if __name__ == "__main__":
+    main()
