@@ -28,9 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from mdevcore.sysfs.mdev_view import _rel
-from mdevcore.sysfs.tree import Dir, SysfsTree
-from parents.pds.pcibus import (
+from mdevcore.pci.bus import (
     AuxAdded,
     AuxBound,
     AuxDevice,
@@ -47,6 +45,8 @@ from parents.pds.pcibus import (
     PciDriver,
     PciFunction,
 )
+from mdevcore.sysfs.mdev_view import _rel
+from mdevcore.sysfs.tree import Dir, SysfsTree
 
 log = logging.getLogger(__name__)
 

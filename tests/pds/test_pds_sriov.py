@@ -12,12 +12,12 @@ import trio
 from pds_card import NS_SIZE, PF, PF_DIR, VF1, VF2, Card, make_card
 
 from mdevcore.pci import caps
+from mdevcore.pci.bus import kstrtobool, kstrtouint
 from mdevcore.pci.migration import MIGRATION_STOP_COPY
 from mdevcore.sysfs.tree import Attr
 from mdevcore.vfio_user.backend import DEVICE_FEATURE_GET, DEVICE_FEATURE_MIGRATION
 from mdevcore.vfio_user.client import Client, VfioUserError
 from parents.pds.driver import parse_size
-from parents.pds.pcibus import kstrtobool, kstrtouint
 from parents.pds.pf import PdsConfig
 
 BUS_DEV = "class/pci_bus/0000:60/device"
