@@ -13,12 +13,10 @@ validated: a bad one gets an error reply, never a crash.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import trio
 
 from mdevcore.daemon.devlink import DevlinkRegistry, run_devlink
+from mdevcore.vfio_user.server import unlink_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +53,9 @@ class ControlServer:
         self.registry = registry
         self.settle = settle
 
-    def _unlink_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-        os.unlink(self.path)
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; the socket file is removed on the way out."""
-        self._unlink_stale()
+        unlink_stale_socket(self.path)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await listener.bind(os.fspath(self.path))

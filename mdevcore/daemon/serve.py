@@ -24,7 +24,7 @@ from mdevcore.core import MdevCore
 from mdevcore.daemon import builtins
 from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
-from mdevcore.daemon.hosts import HostContext, HostedParent, NamedServers
+from mdevcore.daemon.hosts import HostContext, HostedParent
 from mdevcore.daemon.persist import PersistStore
 from mdevcore.daemon.servers import UNIX_PATH_MAX, ServerManager
 from mdevcore.sysfs import MdevSysfs, qemu_device_arg
@@ -93,12 +93,9 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             servers = ServerManager(core, run_dir, nursery)
-            host_servers = NamedServers(run_dir, nursery)
+            host_servers = servers.servers  # VFs by BDF beside the mdevs by UUID
             devlink = DevlinkRegistry()
-
-            async def settle() -> None:
-                await servers.settle()
-                await host_servers.settle()
+            settle = servers.settle
 
             persist = PersistStore(core, persist_dir) if persist_dir else None
             if persist is not None:
@@ -131,7 +128,6 @@ async def _serve(
                             host.stop()  # unbinds and removes its devices
                         except Exception:
                             log.exception("hosted parent %s failed to stop", host.name)
-                    await host_servers.aclose()
                     await servers.aclose()
                     view.close()
                 nursery.cancel_scope.cancel()

@@ -1,12 +1,16 @@
-"""One vfio-user server per mdev, following the core's device events.
+"""vfio-user servers at ``<run-dir>/<name>.sock``, and the mdev devices' use of them.
 
-A DeviceAdded event starts ``DeviceServer(backend, <run-dir>/<uuid>.sock)``
-in the manager's nursery; DeviceRemoved disconnects its client and cancels
-it (the server unlinks its socket on exit).  Events arrive synchronously
-from the core, so starting and stopping is only *scheduled* there;
-:meth:`ServerManager.settle` waits until every scheduled change is done,
-which the sysfs mirror awaits before a write to ``create``/``remove``
-returns.
+:class:`NamedServers` starts ``DeviceServer(backend, <run-dir>/<name>.sock)``
+in the daemon's nursery on ``serve`` and disconnects and cancels it on
+``unserve`` (the server unlinks its socket on exit).  Both run inside a
+synchronous sysfs write (create/remove, bind/unbind), so they only
+*schedule* the change; :meth:`NamedServers.settle` waits until every
+scheduled change is done, which the sysfs mirror awaits before the write
+returns: the socket exists (or is gone) when ``echo ... > create`` ends.
+
+:class:`ServerManager` serves every mdev of the core for as long as it
+exists, named by its UUID; hosted parents (a PF's VFs) use NamedServers
+directly, named by BDF.
 """
 
 from __future__ import annotations
@@ -22,14 +26,7 @@ from typing import Any, Protocol
 
 import trio
 
-from mdevcore.core import (
-    DeviceAdded,
-    DeviceRemoved,
-    MdevCore,
-    MdevDevice,
-    MdevEvent,
-    MdevType,
-)
+from mdevcore.core import DeviceAdded, DeviceRemoved, MdevCore, MdevEvent, MdevType
 from mdevcore.vfio_user.backend import DeviceBackend
 
 log = logging.getLogger(__name__)
@@ -38,7 +35,7 @@ UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the terminating NUL
 
 
 class Server(Protocol):
-    """What the manager needs of mdevcore.vfio_user.server.DeviceServer."""
+    """What NamedServers needs of mdevcore.vfio_user.server.DeviceServer."""
 
     async def serve(self, *, task_status: Any = ...) -> None: ...
 
@@ -52,7 +49,7 @@ ServerFactory = Callable[[DeviceBackend, Path, str], Server]
 
 
 def default_server_factory(backend: DeviceBackend, path: Path, name: str) -> Server:
-    from mdevcore.vfio_user.server import DeviceServer  # written alongside; imported lazily
+    from mdevcore.vfio_user.server import DeviceServer
 
     server: Server = DeviceServer(backend, str(path), name=name)
     return server
@@ -60,7 +57,8 @@ def default_server_factory(backend: DeviceBackend, path: Path, name: str) -> Ser
 
 @dataclasses.dataclass(eq=False)
 class _Served:
-    device: MdevDevice
+    name: str
+    label: str  # what logs call it
     server: Server
     path: Path
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
@@ -68,101 +66,98 @@ class _Served:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
-class ServerManager:
-    """Serves every device of ``core`` for as long as it exists.
+class NamedServers:
+    """vfio-user servers at ``<run_dir>/<name>.sock``, started and stopped on request.
 
-    Must be used from the trio thread that owns ``nursery`` (the core's
-    events then arrive on that thread too, from the FUSE handlers).
+    Use from the trio thread that owns ``nursery``.  ``on_failed(name)`` is
+    called when a server dies on its own (not when it is unserved).
     """
 
     def __init__(
         self,
-        core: MdevCore,
         run_dir: Path,
         nursery: trio.Nursery,
         server_factory: ServerFactory = default_server_factory,
+        on_failed: Callable[[str], None] | None = None,
     ) -> None:
-        self.core = core
         self.run_dir = run_dir
         self._nursery = nursery
         self._factory = server_factory
-        self._served: dict[uuid.UUID, _Served] = {}
+        self._on_failed = on_failed
+        self._served: dict[str, _Served] = {}
+        self._stopping: dict[str, _Served] = {}
         self._pending: set[trio.Event] = set()
-        self._stopping: dict[uuid.UUID, _Served] = {}
-        core.add_create_check(self._check_socket_path)
-        core.subscribe(self._on_event, replay=True)
 
-    def _check_socket_path(self, mtype: MdevType, dev_uuid: uuid.UUID) -> None:
-        path = self.socket_path(dev_uuid)
+    def socket_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.sock"
+
+    def check(self, name: str) -> Path:
+        """The socket path for ``name``; ENAMETOOLONG/EACCES if it cannot work."""
+        path = self.socket_path(name)
         if len(os.fsencode(path)) > UNIX_PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, f"socket path {path} is too long for AF_UNIX")
         if not os.access(self.run_dir, os.W_OK | os.X_OK):
             raise OSError(errno.EACCES, f"cannot create sockets in {self.run_dir}")
+        return path
 
-    def socket_path(self, dev_uuid: uuid.UUID) -> Path:
-        return self.run_dir / f"{dev_uuid}.sock"
+    def serving(self, name: str) -> bool:
+        return name in self._served
 
-    def _on_event(self, event: MdevEvent) -> None:
-        if isinstance(event, DeviceAdded):
-            self._start(event.device)
-        elif isinstance(event, DeviceRemoved):
-            self._stop(event.device.uuid)
+    def connected(self, name: str) -> bool:
+        entry = self._served.get(name)
+        return entry is not None and entry.server.connected
 
-    def _start(self, device: MdevDevice) -> None:
-        path = self.socket_path(device.uuid)
-        name = f"{device.name} ({device.type.id})"
-        try:
-            server = self._factory(device.backend, path, name)
-        except Exception:
-            log.exception("mdev %s: cannot create its vfio-user server", device.uuid)
-            return
-        entry = _Served(device=device, server=server, path=path)
-        self._served[device.uuid] = entry
+    def serve(self, name: str, backend: DeviceBackend, *, label: str | None = None) -> Path:
+        """Start serving ``backend``; ENAMETOOLONG/EACCES/EBUSY refuse it at once."""
+        if name in self._served:
+            raise OSError(errno.EBUSY, f"{name} is already served")
+        path = self.check(name)
+        label = label or name
+        server = self._factory(backend, path, label)
+        entry = _Served(name=name, label=label, server=server, path=path)
+        self._served[name] = entry
         self._pending.add(entry.ready)
-        self._nursery.start_soon(self._run, entry, name=f"serve {device.uuid}")
+        self._nursery.start_soon(self._run, entry, name=f"serve {name}")
+        return path
 
-    def _stop(self, dev_uuid: uuid.UUID) -> None:
-        entry = self._served.pop(dev_uuid, None)
+    def unserve(self, name: str) -> None:
+        """Disconnect the client (if any) and stop serving ``name``."""
+        entry = self._served.pop(name, None)
         if entry is None:
             return
         if entry.server.connected:
-            log.info("mdev %s: removed, disconnecting its client", dev_uuid)
+            log.info("%s: going away, disconnecting its client", entry.label)
         entry.server.disconnect()
         entry.scope.cancel()
         if not entry.done.is_set():
-            self._stopping[dev_uuid] = entry
+            self._stopping[name] = entry
             self._pending.add(entry.done)
 
     async def _run(self, entry: _Served) -> None:
-        dev = entry.device.uuid
-        previous = self._stopping.get(dev)
+        previous = self._stopping.get(entry.name)
+        failed = False
         try:
             with entry.scope:
                 if previous is not None:
-                    # same UUID removed and created again: let the old server go first
+                    # the same name unserved and served again: the old socket goes first
                     await previous.done.wait()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(entry.server.serve)
                     self._done(entry.ready)
-                    log.info("mdev %s: serving vfio-user at %s", dev, entry.path)
+                    log.info("%s: serving vfio-user at %s", entry.label, entry.path)
         except Exception:
-            log.exception("mdev %s: vfio-user server failed", dev)
-            self._unserved(entry)
+            log.exception("%s: vfio-user server failed", entry.label)
+            failed = self._served.get(entry.name) is entry
+            if failed:
+                del self._served[entry.name]
         finally:
-            if self._stopping.get(dev) is entry:
-                del self._stopping[dev]
+            if self._stopping.get(entry.name) is entry:
+                del self._stopping[entry.name]
             self._done(entry.ready)
             self._done(entry.done)
-            log.info("mdev %s: no longer served", dev)
-
-    def _unserved(self, entry: _Served) -> None:
-        """A device whose server died is removed: no device without a socket."""
-        if self._served.get(entry.device.uuid) is not entry:
-            return  # already being removed
-        try:
-            self.core.remove(entry.device.uuid)
-        except OSError as e:
-            log.error("mdev %s: cannot remove the unserved device: %s", entry.device.uuid, e)
+            log.info("%s: no longer served", entry.label)
+        if failed and self._on_failed is not None:
+            self._on_failed(entry.name)
 
     def _done(self, event: trio.Event) -> None:
         event.set()
@@ -179,8 +174,57 @@ class ServerManager:
 
     async def aclose(self) -> None:
         """Disconnect every client and stop every server (daemon shutdown)."""
+        for name in list(self._served):
+            self.unserve(name)
+        await self.settle()
+
+
+class ServerManager:
+    """Serves every device of ``core`` for as long as it exists, at <run-dir>/<uuid>.sock.
+
+    Must be used from the trio thread that owns ``nursery`` (the core's
+    events then arrive on that thread too, from the FUSE handlers).
+    """
+
+    def __init__(
+        self,
+        core: MdevCore,
+        run_dir: Path,
+        nursery: trio.Nursery,
+        server_factory: ServerFactory = default_server_factory,
+    ) -> None:
+        self.core = core
+        self.servers = NamedServers(run_dir, nursery, server_factory, self._unserved)
+        self.settle = self.servers.settle
+        core.add_create_check(self._check_socket_path)
+        core.subscribe(self._on_event, replay=True)
+
+    def _check_socket_path(self, mtype: MdevType, dev_uuid: uuid.UUID) -> None:
+        self.servers.check(str(dev_uuid))
+
+    def socket_path(self, dev_uuid: uuid.UUID) -> Path:
+        return self.servers.socket_path(str(dev_uuid))
+
+    def _on_event(self, event: MdevEvent) -> None:
+        if isinstance(event, DeviceAdded):
+            device = event.device
+            label = f"mdev {device.uuid} ({device.type.id})"
+            try:
+                self.servers.serve(str(device.uuid), device.backend, label=label)
+            except Exception:
+                log.exception("%s: cannot serve it over vfio-user", label)
+        elif isinstance(event, DeviceRemoved):
+            self.servers.unserve(str(event.device.uuid))
+
+    def _unserved(self, name: str) -> None:
+        """A device whose server died is removed: no device without a socket."""
+        try:
+            self.core.remove(uuid.UUID(name))
+        except OSError as e:
+            log.error("mdev %s: cannot remove the unserved device: %s", name, e)
+
+    async def aclose(self) -> None:
+        """Disconnect every client and stop every server (daemon shutdown)."""
         self.core.unsubscribe(self._on_event)
         self.core.remove_create_check(self._check_socket_path)
-        for dev_uuid in list(self._served):
-            self._stop(dev_uuid)
-        await self.settle()
+        await self.servers.aclose()

@@ -267,6 +267,17 @@ class _Client:
         self.sock.close()
 
 
+def unlink_stale_socket(path: str | os.PathLike[str]) -> None:
+    """Remove a socket left by an earlier server; EEXIST if ``path`` is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    os.unlink(path)
+
+
 class DeviceServer:
     """Serves one device on one UNIX socket (see the module doc)."""
 
@@ -298,15 +309,6 @@ class DeviceServer:
             log.info("%s: disconnecting the client", self.name)
             self._client_scope.cancel()
 
-    def _unlink_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-        os.unlink(self.path)
-
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, then serve clients one after another until cancelled.
 
@@ -315,7 +317,7 @@ class DeviceServer:
         ``backend.run()`` alongside for the whole time (an exception from it
         ends serve), and on exit drops the client and unlinks the socket.
         """
-        self._unlink_stale()
+        unlink_stale_socket(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.path)
