@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from mdevcore.vfio_user import wire
 from mdevcore.vfio_user.backend import (
@@ -101,6 +102,16 @@ class DmaResult:
 
 def _bad(why: str) -> RequestError:
     return RequestError(errno.EINVAL, why)
+
+
+def _fixed_request(p: bytes, layout: Any, size: int, what: str) -> Any:
+    """Parse the fixed part of a control request whose argsz must cover it."""
+    if len(p) < size:
+        raise _bad(f"{what} body too short")
+    req = layout.parse(p[:size])
+    if req.argsz < size:
+        raise _bad(f"{what} argsz {req.argsz}")
+    return req
 
 
 _Handler = Callable[["Connection", RawMessage], tuple[bytes, Sequence[int]]]
@@ -447,11 +458,7 @@ class Connection:
 
     def _device_info(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.DEVICE_INFO_SIZE:
-            raise _bad("DEVICE_GET_INFO body too short")
-        req = wire.DeviceInfoMsg.parse(p[: wire.DEVICE_INFO_SIZE])
-        if req.argsz < wire.DEVICE_INFO_SIZE:
-            raise _bad(f"DEVICE_GET_INFO argsz {req.argsz}")
+        _fixed_request(p, wire.DeviceInfoMsg, wire.DEVICE_INFO_SIZE, "DEVICE_GET_INFO")
         info = self.backend.device_info()
         return wire.DeviceInfoMsg.build(
             {
@@ -464,11 +471,7 @@ class Connection:
 
     def _region_info(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.REGION_INFO_SIZE:
-            raise _bad("GET_REGION_INFO body too short")
-        req = wire.RegionInfoMsg.parse(p[: wire.REGION_INFO_SIZE])
-        if req.argsz < wire.REGION_INFO_SIZE:
-            raise _bad(f"GET_REGION_INFO argsz {req.argsz}")
+        req = _fixed_request(p, wire.RegionInfoMsg, wire.REGION_INFO_SIZE, "GET_REGION_INFO")
         info = self.backend.region_info(req.index)
         payload, complete = wire.region_info_reply(info, req.argsz)
         # The fd goes with the complete answer only: QEMU asks twice when
@@ -482,11 +485,7 @@ class Connection:
 
     def _region_io_fds(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.REGION_IO_FDS_SIZE:
-            raise _bad("GET_REGION_IO_FDS body too short")
-        req = wire.RegionIoFds.parse(p[: wire.REGION_IO_FDS_SIZE])
-        if req.argsz < wire.REGION_IO_FDS_SIZE:
-            raise _bad(f"GET_REGION_IO_FDS argsz {req.argsz}")
+        req = _fixed_request(p, wire.RegionIoFds, wire.REGION_IO_FDS_SIZE, "GET_REGION_IO_FDS")
         if req.flags:
             raise _bad("GET_REGION_IO_FDS flags must be 0")
         self.backend.region_info(req.index)  # validates the index
@@ -497,11 +496,7 @@ class Connection:
 
     def _irq_info(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.IRQ_INFO_SIZE:
-            raise _bad("GET_IRQ_INFO body too short")
-        req = wire.IrqInfoMsg.parse(p[: wire.IRQ_INFO_SIZE])
-        if req.argsz < wire.IRQ_INFO_SIZE:
-            raise _bad(f"GET_IRQ_INFO argsz {req.argsz}")
+        req = _fixed_request(p, wire.IrqInfoMsg, wire.IRQ_INFO_SIZE, "GET_IRQ_INFO")
         info = self.backend.irq_info(req.index)
         return wire.IrqInfoMsg.build(
             {
@@ -547,11 +542,7 @@ class Connection:
 
     def _dma_map(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.DMA_MAP_SIZE:
-            raise _bad("DMA_MAP body too short")
-        req = wire.DmaMap.parse(p[: wire.DMA_MAP_SIZE])
-        if req.argsz < wire.DMA_MAP_SIZE:
-            raise _bad(f"DMA_MAP argsz {req.argsz}")
+        req = _fixed_request(p, wire.DmaMap, wire.DMA_MAP_SIZE, "DMA_MAP")
         if req.flags & ~_DMA_MAP_KNOWN:
             raise _bad(f"DMA_MAP unknown flags {req.flags:#x}")
         if len(msg.fds) > 1:
@@ -564,11 +555,7 @@ class Connection:
 
     def _dma_unmap(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.DMA_UNMAP_SIZE:
-            raise _bad("DMA_UNMAP body too short")
-        req = wire.DmaUnmap.parse(p[: wire.DMA_UNMAP_SIZE])
-        if req.argsz < wire.DMA_UNMAP_SIZE:
-            raise _bad(f"DMA_UNMAP argsz {req.argsz}")
+        req = _fixed_request(p, wire.DmaUnmap, wire.DMA_UNMAP_SIZE, "DMA_UNMAP")
         # Dirty bitmaps on unmap belong to migration v1, which is gone.
         if req.flags & ~DMA_UNMAP_FLAG_ALL:
             raise _bad(f"DMA_UNMAP flags {req.flags:#x} not supported")
@@ -587,12 +574,8 @@ class Connection:
 
     def _device_feature(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         p = msg.payload
-        if len(p) < wire.DEVICE_FEATURE_SIZE:
-            raise _bad("DEVICE_FEATURE body too short")
-        req = wire.DeviceFeature.parse(p[: wire.DEVICE_FEATURE_SIZE])
+        req = _fixed_request(p, wire.DeviceFeature, wire.DEVICE_FEATURE_SIZE, "DEVICE_FEATURE")
         flags = req.flags
-        if req.argsz < wire.DEVICE_FEATURE_SIZE:
-            raise _bad(f"DEVICE_FEATURE argsz {req.argsz}")
         if flags & ~_FEATURE_KNOWN:
             raise _bad(f"DEVICE_FEATURE unknown flags {flags:#x}")
         get_set = flags & (DEVICE_FEATURE_GET | DEVICE_FEATURE_SET)
