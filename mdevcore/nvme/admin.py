@@ -79,7 +79,7 @@ def create_io_cq(ctrl: NvmeController, cmd: Command) -> int:
     )
     ctrl.doorbells[2 * qid + 1] = 0
     if ctrl.shadow is not None:
-        ctrl.shadow.publish_cq(ctrl.dma, cq)
+        ctrl.shadow.publish_cq(ctrl.dma, cq, level_irq=ctrl.level_irq())
     ctrl.features.queues_set_locked = True
     return 0
 
@@ -302,7 +302,7 @@ def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> int:
             ctrl.shadow.publish_sq(ctrl.dma, sq)
     for cq in ctrl.cqs.values():
         if cq.qid:
-            ctrl.shadow.publish_cq(ctrl.dma, cq)
+            ctrl.shadow.publish_cq(ctrl.dma, cq, level_irq=ctrl.level_irq())
     return 0
 
 

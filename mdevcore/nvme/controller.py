@@ -89,6 +89,7 @@ class NvmeController:
         config: ControllerConfig | None = None,
         doorbells: memoryview | None = None,
         irq_vectors: Callable[[], int] | None = None,
+        level_irq: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "nvme",
     ) -> None:
@@ -102,6 +103,8 @@ class NvmeController:
         self.name = name
         self.clock = clock
         self._irq_vectors = irq_vectors or (lambda: self.config.max_io_queues + 1)
+        # True while interrupts are pin-based (INTx): CQ head updates then matter.
+        self.level_irq = level_irq or (lambda: False)
         if doorbells is None:
             self._doorbell_mem: memoryview = memoryview(bytearray(DOORBELL_PAGE))
             self.doorbells_shared = False
@@ -374,9 +377,10 @@ class NvmeController:
             for sq in self.sqs.values():
                 if sq.qid:
                     shadow.publish_sq(self.dma, sq)
+            level = self.level_irq()
             for cq in self.cqs.values():
                 if cq.qid:
-                    shadow.publish_cq(self.dma, cq)
+                    shadow.publish_cq(self.dma, cq, level_irq=level)
         except NvmeError as exc:
             log.error("%s: EventIdx page unwritable: %s", self.name, exc)
             self.csts |= CSTS_CFS

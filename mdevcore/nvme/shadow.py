@@ -14,7 +14,8 @@ second page.  The controller therefore
     host may have moved it in between (the fence between the two makes this
     race-free);
   * keeps CQ head EventIdx just behind the head (no rings) unless the CQ is
-    full, when it sets EventIdx = head so the next consumption rings.
+    full or interrupts are pin-based, when it sets EventIdx = head so the
+    next consumption rings.
 
 Both pages use the doorbell register layout (CAP.DSTRD = 0): 2*qid for SQ
 tails, 2*qid+1 for CQ heads.  The admin queue keeps its MMIO doorbells.
@@ -63,7 +64,10 @@ class ShadowDoorbells:
     def publish_sq(self, dma: DmaSpace, sq: SubmissionQueue) -> None:
         self.publish(dma, 2 * sq.qid, sq.tail)
 
-    def publish_cq(self, dma: DmaSpace, cq: CompletionQueue) -> None:
-        # Ring me on the next head move only when I am waiting for room.
-        value = cq.head if cq.full else (cq.head - 1) & 0xFFFF
+    def publish_cq(self, dma: DmaSpace, cq: CompletionQueue, *, level_irq: bool = False) -> None:
+        # Ring me on the next head move only when I am waiting for room - or
+        # always with pin-based interrupts: the host's head update is what
+        # lets the interrupt line be re-evaluated (and what makes a VMM
+        # unmask a fired INTx).
+        value = cq.head if cq.full or level_irq else (cq.head - 1) & 0xFFFF
         self.publish(dma, 2 * cq.qid + 1, value)

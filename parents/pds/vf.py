@@ -7,6 +7,9 @@ Layout the guest sees:
   capabilities: PM, MSI (1 vector), MSI-X (one vector per queue), PCIe endpoint
   INTx pin A
 
+The controller also offers shadow doorbells (Doorbell Buffer Config), so a
+Linux guest rings the real doorbell only when the controller is idle.
+
 Doorbells are reached one of two ways (``doorbells=``):
   "trapped"  every doorbell write arrives as a region write; bar_write
              stores it and wakes the processing task.
@@ -133,6 +136,7 @@ class PdsNvmeVf(PciDevice):
             ),
             doorbells=doorbells,
             irq_vectors=self._usable_vectors,
+            level_irq=self._intx_mode,
             name=name,
         )
         self._wake = trio.Event()
@@ -148,6 +152,16 @@ class PdsNvmeVf(PciDevice):
                 return self.msix_vectors
         return 1  # MSI (one message) or INTx
 
+    def _intx_mode(self) -> bool:
+        """Neither MSI-X nor MSI enabled by the guest: INTx, level-triggered."""
+        if self.msix is not None:
+            if self.config.get_u16(self.msix.offset + caps.MSIX_FLAGS) & caps.MSIX_FLAGS_ENABLE:
+                return False
+        if self.msi is not None:
+            if self.config.get_u16(self.msi.offset + caps.MSI_FLAGS) & caps.MSI_FLAGS_ENABLE:
+                return False
+        return True
+
     # --- BAR0 -------------------------------------------------------------------
 
     def bar_read(self, bar: int, offset: int, size: int) -> bytes:
@@ -159,7 +173,13 @@ class PdsNvmeVf(PciDevice):
         if bar != 0:
             super().bar_write(bar, offset, data)
             return
-        if self.controller.mmio_write(offset, data) or self.controller.ready:
+        doorbell = self.controller.mmio_write(offset, data)
+        if doorbell and self.mig_state in _EXECUTING:
+            # Serve the doorbell right here: saves a hop through the scheduler
+            # for the common queue-depth-1 case; the task takes the rest.
+            if not self.controller.process() and self.controller.next_deadline() is None:
+                return  # nothing left, and no interrupt timer for the task to arm
+        if doorbell or self.controller.ready:
             # Doorbells, and register writes that may unblock work (INTMC, CC).
             self._wake.set()
 
@@ -227,6 +247,8 @@ class PdsNvmeVf(PciDevice):
             before = ctrl.commands_done
             more = ctrl.process()
             now = trio.current_time()
+            if ctrl.commands_done != before:
+                idle_since, sleep = now, POLL_SLEEP_MIN
             deadline = ctrl.next_deadline()
             if deadline is not None and ctrl.clock() >= deadline:
                 ctrl.tick()
@@ -234,8 +256,6 @@ class PdsNvmeVf(PciDevice):
             if more:
                 await trio.sleep(0)  # let the server answer the client meanwhile
                 continue
-            if ctrl.commands_done != before:
-                idle_since, sleep = now, POLL_SLEEP_MIN
             wait = math.inf if deadline is None else max(0.0, deadline - ctrl.clock())
             if self.mode is DoorbellMode.MMAP and ctrl.ready:
                 if now - idle_since < self.vf.poll_spin:

@@ -4,21 +4,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nvme_host import GuestMemory, Host
+from nvme_host import NS_SIZE, FakeClock, GuestMemory, Host
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
-
-NS_SIZE = 1 << 20  # 2048 blocks of 512 bytes
-
-
-class FakeClock:
-    """Time that moves only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -26,6 +26,17 @@ from mdevcore.nvme.spec import (
 )
 
 PAGE = 4096
+NS_SIZE = 1 << 20  # the fixture namespace: 2048 blocks of 512 bytes
+
+
+class FakeClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class GuestMemory:

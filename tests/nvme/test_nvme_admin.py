@@ -6,8 +6,7 @@ import struct
 import uuid
 
 import pytest
-from conftest import NS_SIZE, FakeClock
-from nvme_host import PAGE, GuestMemory, Host, status
+from nvme_host import NS_SIZE, PAGE, FakeClock, GuestMemory, Host, status
 
 from mdevcore.nvme import NvmeController
 from mdevcore.nvme.queues import make_command

@@ -8,8 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import NS_SIZE
-from nvme_host import PAGE, GuestMemory, Host, status
+from nvme_host import NS_SIZE, PAGE, GuestMemory, Host, status
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.queues import Command, make_command

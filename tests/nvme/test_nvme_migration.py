@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NS_SIZE, FakeClock
-from nvme_host import PAGE, GuestMemory, Host
+from nvme_host import NS_SIZE, PAGE, FakeClock, GuestMemory, Host
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.queues import make_command

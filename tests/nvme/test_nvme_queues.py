@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import mmap
 
-from conftest import FakeClock
-from nvme_host import GuestMemory, Host, status
+from nvme_host import FakeClock, GuestMemory, Host, status
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.queues import make_command

@@ -122,3 +122,16 @@ def test_reset_forgets_the_shadow_buffers(ctrl: NvmeController, mem: GuestMemory
     assert host.configure() == 0
     host.write32(0x14, 0)
     assert ctrl.shadow is None
+
+
+def test_pin_based_interrupts_want_every_head_update(
+    ctrl: NvmeController, mem: GuestMemory
+) -> None:
+    ctrl.level_irq = lambda: True  # INTx: the head update re-evaluates the line
+    host = ShadowHost(ctrl, mem)
+    host.enable()
+    assert host.configure() == 0
+    host.create_io_queue_pair(1, size=16)
+    for _ in range(3):
+        assert host.command(1, make_command(IoOpcode.FLUSH, nsid=1)).status == 0
+    assert host.mmio_rings == 6  # tail and head, each time
