@@ -48,9 +48,7 @@ def test_shell_flow_create_attach_guest_remove(lab: Lab, tmp_path: Path) -> None
         assert int(sh(f"cat {sys_}/{TYPES}/mtty-2/available_instances").stdout) == int(avail) - 1
         line = sh(f"cat {sys_}/bus/mdev/devices/{u}/vfio_user/qemu_device").stdout.strip()
         sock = d.run_dir / f"{u}.sock"
-        assert line == (
-            '{"driver":"vfio-user-pci","socket":{"path":"%s","type":"unix"}}' % sock
-        )
+        assert line == f'{{"driver":"vfio-user-pci","socket":{{"path":"{sock}","type":"unix"}}}}'
         assert sock.is_socket()
 
         run_guest(lab, line, nr_ports=2)
