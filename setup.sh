@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")"
 
-APT_PACKAGES="libfuse3-dev fuse3 pkg-config mdevctl debootstrap gcc python3-venv"
+APT_PACKAGES="libfuse3-dev fuse3 pkg-config mdevctl debootstrap gcc"
 missing=""
 for p in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
