@@ -102,8 +102,12 @@ def create_bar(
     memfd: int | None = None
     if mmap_areas:
         memfd = os.memfd_create(f"mdev-bar{index}", os.MFD_CLOEXEC)
-        os.ftruncate(memfd, size)
-        backing = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED)
+        try:
+            os.ftruncate(memfd, size)
+            backing = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(memfd)
+            raise
     else:
         backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     bar = Bar(index, size, kind, prefetchable, mmap_areas, memfd, backing, memoryview(backing))

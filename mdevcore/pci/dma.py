@@ -75,14 +75,25 @@ class DirtyLog:
 
     def __init__(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
         self.page_size = page_size
-        self.ranges = ranges  # empty: log everything
+        self.ranges = ranges  # sorted, non-overlapping; empty: log everything
         self.pages: set[int] = set()
 
     def mark(self, iova: int, length: int) -> None:
+        """Record a device write, only where the client asked for logging."""
         if length <= 0:
             return
-        first = iova // self.page_size
-        last = (iova + length - 1) // self.page_size
+        if not self.ranges:
+            self._mark_pages(iova, iova + length)
+            return
+        end = iova + length
+        for start, size in self.ranges:
+            lo, hi = max(start, iova), min(start + size, end)
+            if lo < hi:
+                self._mark_pages(lo, hi)
+
+    def _mark_pages(self, start: int, end: int) -> None:
+        first = start // self.page_size
+        last = (end - 1) // self.page_size
         self.pages.update(range(first, last + 1))
 
     def report(self, iova: int, length: int) -> bytes:

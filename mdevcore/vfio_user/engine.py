@@ -272,8 +272,14 @@ class Connection:
             raise OSError(errno.ENOTCONN, "no negotiated client")
         if count > self.client_caps.max_data_xfer_size:
             raise OSError(errno.E2BIG, "DMA transfer larger than the client accepts")
+        if command == Command.DMA_READ and count > self.max_data_xfer_size:
+            # The reply carries the data: our framer would refuse it and drop the client.
+            raise OSError(errno.E2BIG, "DMA_READ reply larger than we accept")
         if not 0 <= address < 1 << 64 or address + count > 1 << 64:
             raise OSError(errno.EINVAL, "DMA address out of range")
+        if len(self._dma_pending) > 0xFFFF:
+            # Every msg_id is waiting for a reply: the search below would not end.
+            raise OSError(errno.EBUSY, "65536 DMA requests already in flight")
         msg_id = self._next_dma_id
         while msg_id in self._dma_pending:
             msg_id = (msg_id + 1) & 0xFFFF
@@ -358,7 +364,7 @@ class Connection:
             )
 
     def _fail(self, msg: RawMessage, errno_value: int, why: str) -> None:
-        # Log at debug for the cheap, expected refusals; the errno goes back.
+        # Info, not warning: refusals are cheap and expected; the errno goes back.
         log.info(
             "%s: msg %#x cmd %d failed: %s (%s)",
             self.name,
@@ -392,7 +398,9 @@ class Connection:
         if head.major != VERSION_MAJOR:
             raise refuse(f"client major {head.major}, ours {VERSION_MAJOR}")
         try:
-            caps = caps_from_json(head.major, head.minor, parse_version_json(p[4:]))
+            caps = caps_from_json(
+                head.major, head.minor, parse_version_json(p[wire.VERSION_HEAD_SIZE :])
+            )
         except VersionError as e:
             raise refuse(str(e)) from None
         self.client_caps = caps

@@ -72,7 +72,8 @@ class _DmaPort:
 
     async def dma_read(self, address: int, count: int) -> bytes:
         client = self._client
-        limit = client.conn.client_caps.max_data_xfer_size
+        # The reply carries the data, so it must fit what we accept too.
+        limit = min(client.conn.client_caps.max_data_xfer_size, client.conn.max_data_xfer_size)
         chunks: list[bytes] = []
         done = 0
         while done < count:
@@ -363,7 +364,12 @@ class DeviceServer:
         log.info("%s: client connected", client.name)
         try:
             with scope:
-                self.backend.connected(_DmaPort(client))
+                try:
+                    self.backend.connected(_DmaPort(client))
+                except Exception:
+                    # A device bug costs this client, not the server.
+                    log.exception("%s: device failed in connected()", client.name)
+                    return
                 await client.run()
         finally:
             client.close()

@@ -334,7 +334,17 @@ class Framer:
             return None
         payload = bytes(buf[pos + HEADER_SIZE : pos + size])
         fds = self._fds.pop(self._base + pos, []) if self._fds else []
-        pos += size
+        self._advance(pos + size)
+        return RawMessage(msg_id, command, flags, error, payload, fds)
+
+    def _advance(self, pos: int) -> None:
+        """Move past consumed bytes, dropping them from the buffer.
+
+        Compacts once 64 KiB are consumed even when a partial message stays
+        behind: a client that always leaves one unfinished would otherwise
+        grow the buffer without bound.
+        """
+        buf = self._buf
         if pos == len(buf):
             self._base += pos
             buf.clear()
@@ -344,7 +354,6 @@ class Framer:
             self._base += pos
             pos = 0
         self._pos = pos
-        return RawMessage(msg_id, command, flags, error, payload, fds)
 
     # Hot path (engine): look at the next header without building a message.
 
@@ -358,12 +367,7 @@ class Framer:
 
     def consume(self, size: int) -> None:
         """Drop a whole message of ``size`` bytes at the front (peeked, no fds)."""
-        pos = self._pos + size
-        if pos == len(self._buf):
-            self._base += pos
-            self._buf.clear()
-            pos = 0
-        self._pos = pos
+        self._advance(self._pos + size)
 
     @property
     def buffered(self) -> int:

@@ -385,6 +385,24 @@ async def test_dirty_logging_tracks_device_writes() -> None:
         os.close(fd)
 
 
+async def test_dirty_logging_records_only_the_requested_ranges() -> None:
+    dev = Counter()
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 64 * mmap.PAGESIZE)
+    try:
+        flags = vfio.DMA_MAP_FLAG_READ | vfio.DMA_MAP_FLAG_WRITE
+        dev.dma_map(DmaMapping(address=0x100000, size=64 * 4096, flags=flags, fd=fd, offset=0))
+        start_logging(dev, 4096, [(0x100000, 4 * 4096), (0x100000 + 8 * 4096, 4096)])
+        await dev.dma_write(0x100000 + 4096 * 4 - 1, b"yz")  # pages 3 (logged) and 4 (not)
+        await dev.dma_write(0x100000 + 4096 * 10, b"x")  # outside every range
+        dev.dma.translate(0x100000 + 4096 * 7, 3 * 4096, write=True)  # pages 7-9: only 8
+        assert report(dev, 0x100000, 64 * 4096, 4096) == (1 << 3) | (1 << 8)
+        assert dev.dma.dirty is not None and not dev.dma.dirty.pages
+    finally:
+        dev.disconnected()
+        os.close(fd)
+
+
 def test_logging_start_validation() -> None:
     dev = Counter()
     # A smaller page size is raised to 4 KiB, and the reply says so.

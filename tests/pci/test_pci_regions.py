@@ -130,6 +130,14 @@ def test_bad_mmap_areas() -> None:
         dev.add_bar(1, 8, BarKind.IO, mmap_areas=((0, 0x1000),))
 
 
+def test_bar_memory_that_cannot_be_mapped_leaks_no_memfd() -> None:
+    dev = PciDevice(PciIdentity(vendor_id=1, device_id=2, class_code=0))
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):  # 4 EiB: ENOMEM from mmap
+        dev.add_bar(0, 1 << 62, BarKind.MEM64, mmap_areas=((0, 0x1000),))
+    assert set(os.listdir("/proc/self/fd")) == before and dev.bars[0] is None
+
+
 def test_close_releases_memfds() -> None:
     dev = Registers()
     fd = dev.region_info(2).fd

@@ -308,3 +308,30 @@ def test_server_dma_request_and_reply_matching(device: FakeDevice) -> None:
     assert info.value.errno == errno.E2BIG
     pending = conn.dma_read_request(0, 1)
     assert conn.fail_pending_dma() == [DmaResult(pending, errno.ENOTCONN)]
+
+
+def test_fast_path_buffer_stays_bounded_with_a_partial_message_always_pending(
+    device: FakeDevice,
+) -> None:
+    # A client that never lets a chunk end on a message boundary must not
+    # grow the receive buffer: consumed bytes are dropped as it goes.
+    conn = negotiated(device)
+    msg = request(7, Command.REGION_READ, REGION_ACCESS.pack(0, 0, 4), FLAG_NO_REPLY)
+    conn.receive_data(msg[:16])
+    for _ in range(5000):
+        conn.receive_data(msg[16:] + msg[:16])
+        conn.process()
+    buf, _, avail = conn.framer.peek()
+    assert avail == 16 and len(buf) <= 65536 + 2 * len(msg)
+    assert not conn.has_output and not conn.closed
+
+
+def test_dma_requests_beyond_the_msg_id_space_fail_ebusy(device: FakeDevice) -> None:
+    conn = negotiated(device)
+    ids = {conn.dma_write_request(0x1000, b"") for _ in range(0x10000)}
+    assert len(ids) == 0x10000
+    with pytest.raises(OSError) as info:
+        conn.dma_write_request(0x1000, b"")
+    assert info.value.errno == errno.EBUSY
+    conn.fail_pending_dma()
+    assert conn.dma_write_request(0x1000, b"") in ids

@@ -554,6 +554,38 @@ async def test_dma_port_fails_when_client_goes(served: Served) -> None:
         await port.dma_write(0x1000, b"late")
 
 
+async def test_dma_read_chunks_fit_our_limit_when_client_accepts_more(served: Served) -> None:
+    """A client announcing a larger max_data_xfer_size than ours still gets
+    DMA_READs whose replies fit what we accept (else the reply would be
+    an impossible msg_size and end the connection)."""
+    size = 2 * SERVER_MAX_DATA_XFER_SIZE + 123
+    guest = bytearray(os.urandom(size))
+    c = await in_thread(lambda: Client(served.path))
+    try:
+        await in_thread(lambda: c.negotiate({"max_msg_fds": 8, "max_data_xfer_size": 4 * size}))
+        c.add_dma_buffer(0x100000, guest)
+        port = served.device.port
+        assert port is not None
+        got: list[bytes | OSError] = []
+
+        async def reader() -> None:
+            try:
+                got.append(await port.dma_read(0x100000, size))
+            except OSError as e:
+                got.append(e)
+
+        def answer() -> None:
+            while not got:
+                c.poll(0.2)  # returns after 0.2 s of silence
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await in_thread(answer)
+        assert got == [bytes(guest)] and c.dma_requests_served == 3
+    finally:
+        c.close()
+
+
 # --- reset, features, migration ------------------------------------------------
 
 
@@ -723,6 +755,28 @@ async def test_server_disconnect_drops_the_client(served: Served) -> None:
     await in_thread(lambda: expect_closed(c))
     c.close()
     assert served.device.disconnects == 1
+
+
+async def test_device_failing_in_connected_costs_the_client_not_the_server(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = served.device
+
+    def broken(port: object) -> None:
+        raise RuntimeError("device bug")
+
+    monkeypatch.setattr(dev, "connected", broken)
+    c = Client(served.path)
+    await in_thread(lambda: expect_closed(c))
+    c.close()
+    monkeypatch.undo()
+
+    def again() -> None:
+        with connect(served) as c2:  # the server still serves
+            assert c2.device_info().num_regions > 0
+
+    await in_thread(again)
+    assert dev.connects == 1
 
 
 async def test_raw_socket_half_message_then_eof(served: Served) -> None:
