@@ -36,14 +36,20 @@ def handle_request(registry: DevlinkRegistry, line: bytes) -> dict[str, Any]:
     """One request line -> the reply object (never raises for bad input)."""
     try:
         request = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         return {"rc": 1, "out": "", "err": f"mdevd: malformed request: {e}\n"}
     if not isinstance(request, dict) or request.get("cmd") != "devlink":
         return {"rc": 1, "out": "", "err": "mdevd: unknown control command\n"}
     argv = request.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         return {"rc": 1, "out": "", "err": "mdevd: argv must be a list of strings\n"}
-    reply = run_devlink(registry, argv)
+    try:
+        reply = run_devlink(registry, argv)
+    except Exception:
+        # A driver's parameter hook failing in an unforeseen way must not
+        # take the control server (and with it the daemon) down.
+        log.exception("control: devlink %s crashed", argv)
+        return {"rc": 1, "out": "", "err": "mdevd: internal error, see the daemon's log\n"}
     return {"rc": reply.rc, "out": reply.out, "err": reply.err}
 
 

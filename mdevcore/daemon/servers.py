@@ -157,7 +157,10 @@ class NamedServers:
             self._done(entry.done)
             log.info("%s: no longer served", entry.label)
         if failed and self._on_failed is not None:
-            self._on_failed(entry.name)
+            try:
+                self._on_failed(entry.name)
+            except Exception:  # a callback bug must not take the daemon's nursery down
+                log.exception("%s: cleanup after the server failed", entry.label)
 
     def _done(self, event: trio.Event) -> None:
         event.set()

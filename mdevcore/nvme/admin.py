@@ -74,12 +74,12 @@ def create_io_cq(ctrl: NvmeController, cmd: Command) -> int:
     vector = cmd.cdw11 >> 16
     if vector >= ctrl.irq_vectors():
         raise specific(CommandSpecific.INVALID_INTERRUPT_VECTOR, f"vector {vector}")
-    cq = ctrl.cqs[qid] = CompletionQueue(
-        qid, cmd.prp1, size, vector=vector, irq_enabled=bool(cmd.cdw11 & 2)
-    )
-    ctrl.doorbells[2 * qid + 1] = 0
+    cq = CompletionQueue(qid, cmd.prp1, size, vector=vector, irq_enabled=bool(cmd.cdw11 & 2))
+    # Publish first: if the EventIdx page is gone the command fails with no queue made.
     if ctrl.shadow is not None:
         ctrl.shadow.publish_cq(ctrl.dma, cq, level_irq=ctrl.level_irq())
+    ctrl.cqs[qid] = cq
+    ctrl.doorbells[2 * qid + 1] = 0
     ctrl.features.queues_set_locked = True
     return 0
 
@@ -91,11 +91,12 @@ def create_io_sq(ctrl: NvmeController, cmd: Command) -> int:
     if cqid == 0 or cqid not in ctrl.cqs:
         raise specific(CommandSpecific.INVALID_CQ, f"completion queue {cqid}")
     qid, size = _check_new_queue(ctrl, cmd, ctrl.sqs, ctrl.features.sq_allocated)
-    sq = ctrl.sqs[qid] = SubmissionQueue(qid, cmd.prp1, size, cqid=cqid)
+    sq = SubmissionQueue(qid, cmd.prp1, size, cqid=cqid)
+    if ctrl.shadow is not None:
+        ctrl.shadow.publish_sq(ctrl.dma, sq)  # first, as for CQs
+    ctrl.sqs[qid] = sq
     ctrl.cqs[cqid].sqids.add(qid)
     ctrl.doorbells[2 * qid] = 0
-    if ctrl.shadow is not None:
-        ctrl.shadow.publish_sq(ctrl.dma, sq)
     ctrl.features.queues_set_locked = True
     return 0
 
@@ -135,24 +136,17 @@ def identify_cmd(ctrl: NvmeController, cmd: Command) -> int:
     if cns == Cns.CONTROLLER:
         data = identify.identify_controller(ctrl.config, len(ctrl.namespaces))
     elif cns == Cns.NAMESPACE:
-        data = identify.identify_namespace(_valid_namespace(ctrl, cmd.nsid))
+        data = identify.identify_namespace(ctrl.require_namespace(cmd.nsid))
     elif cns == Cns.ACTIVE_NS_LIST:
         if cmd.nsid >= 0xFFFFFFFE:
             raise generic(Generic.INVALID_NAMESPACE, f"active list after {cmd.nsid:#x}")
         data = identify.active_namespace_list(nsids, cmd.nsid)
     elif cns == Cns.NS_DESCRIPTORS:
-        data = identify.namespace_descriptors(_valid_namespace(ctrl, cmd.nsid))
+        data = identify.namespace_descriptors(ctrl.require_namespace(cmd.nsid))
     else:
         raise generic(Generic.INVALID_FIELD, f"CNS {cns:#x}")
     write_guest(ctrl.dma, cmd.prp1, cmd.prp2, data, ctrl.page_size)
     return 0
-
-
-def _valid_namespace(ctrl: NvmeController, nsid: int) -> identify.FileNamespace:
-    ns = ctrl.namespace(nsid)
-    if ns is None:
-        raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid:#x}")
-    return ns
 
 
 # --- features -------------------------------------------------------------

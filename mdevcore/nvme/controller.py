@@ -64,6 +64,7 @@ from mdevcore.nvme.spec import (
     LogId,
     NvmeError,
     StatusType,
+    generic,
     status_field,
 )
 
@@ -183,6 +184,13 @@ class NvmeController:
         if 1 <= nsid <= len(self.namespaces):
             return self.namespaces[nsid - 1]
         return None
+
+    def require_namespace(self, nsid: int) -> FileNamespace:
+        """The namespace a command names, or its Invalid Namespace status."""
+        ns = self.namespace(nsid)
+        if ns is None:
+            raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid:#x}")
+        return ns
 
     # --- registers ----------------------------------------------------------
 
@@ -412,6 +420,10 @@ class NvmeController:
             self._execute_one(admin_sq)
             done += 1
             admin_sq = self.sqs.get(0)
+        # An AER just fetched, or a log page read that unmasked an event type,
+        # may pair with an event already queued: deliver it now, not on some
+        # later doorbell.
+        self._deliver_events()
         burst = 1 << (self.features.arbitration & 0x7)
         io_sqs = [sq for qid, sq in sorted(self.sqs.items()) if qid]
         # Rotate so the queue after the last one served goes first.
@@ -493,7 +505,7 @@ class NvmeController:
         self.complete(sq, cmd.cid, status, dw0)
 
     def complete(self, sq: SubmissionQueue, cid: int, status: int, dw0: int = 0) -> None:
-        """Post a completion for a command of ``sq`` (its CQ has room: checked by callers)."""
+        """Post a completion for a command of ``sq``, held in the CQ's overflow if it is full."""
         cq = self.cqs.get(sq.cqid)
         if cq is None:
             return
@@ -530,10 +542,10 @@ class NvmeController:
         admin_sq, admin_cq = self.sqs.get(0), self.cqs.get(0)
         if admin_sq is None or admin_cq is None or admin_cq.full:
             return
+        # ready() has already paired and dequeued these: every pair must be
+        # completed (complete() holds what does not fit until the host frees room).
         for cid, event in self.events.ready():
             self.complete(admin_sq, cid, 0, event.dw0)
-            if admin_cq.full:
-                break
 
     # --- timers -------------------------------------------------------------
 
@@ -543,7 +555,9 @@ class NvmeController:
         return min(deadlines) if deadlines else None
 
     def _keep_alive_deadline(self) -> float | None:
-        if not self.ready or not self.features.keep_alive_ms:
+        # Once fatal (CFS), an expired timer has nothing left to do: a deadline
+        # left in the past would make the owner's loop tick without end.
+        if not self.ready or self.csts & CSTS_CFS or not self.features.keep_alive_ms:
             return None
         return self.last_keep_alive + self.features.keep_alive_ms / 1000
 

@@ -42,16 +42,18 @@ def execute(ctrl: NvmeController, sqid: int, cmd: Command) -> int:
     return handler(ctrl, cmd)
 
 
-def _namespace(ctrl: NvmeController, nsid: int) -> FileNamespace:
-    ns = ctrl.namespace(nsid)
-    if ns is None:
-        raise generic(Generic.INVALID_NAMESPACE, f"namespace {nsid:#x}")
-    return ns
-
-
 def _lba_range(ns: FileNamespace, slba: int, count: int) -> None:
     if slba + count > ns.nlbas:
         raise generic(Generic.LBA_OUT_OF_RANGE, f"LBA {slba}+{count} beyond {ns.nlbas}")
+
+
+def _blocks(ctrl: NvmeController, cmd: Command) -> tuple[FileNamespace, int, int]:
+    """Namespace, SLBA and block count of a Read/Write/Write Zeroes, range-checked."""
+    ns = ctrl.require_namespace(cmd.nsid)
+    slba = cmd.cdw11 << 32 | cmd.cdw10
+    nlb = (cmd.cdw12 & 0xFFFF) + 1  # NLB is 0-based
+    _lba_range(ns, slba, nlb)
+    return ns, slba, nlb
 
 
 def _media_error(exc: OSError, write: bool) -> NvmeError:
@@ -64,10 +66,7 @@ def _media_error(exc: OSError, write: bool) -> NvmeError:
 
 
 def _read_write(ctrl: NvmeController, cmd: Command, write: bool) -> int:
-    ns = _namespace(ctrl, cmd.nsid)
-    slba = cmd.cdw11 << 32 | cmd.cdw10
-    nlb = (cmd.cdw12 & 0xFFFF) + 1
-    _lba_range(ns, slba, nlb)
+    ns, slba, nlb = _blocks(ctrl, cmd)
     length = nlb * ns.lba_size
     if length > ctrl.config.max_transfer:
         raise generic(Generic.INVALID_FIELD, f"{length} bytes exceed MDTS")
@@ -105,7 +104,7 @@ def write(ctrl: NvmeController, cmd: Command) -> int:
 
 
 def flush(ctrl: NvmeController, cmd: Command) -> int:
-    targets = ctrl.namespaces if cmd.nsid == BROADCAST_NSID else [_namespace(ctrl, cmd.nsid)]
+    targets = ctrl.namespaces if cmd.nsid == BROADCAST_NSID else [ctrl.require_namespace(cmd.nsid)]
     try:
         for ns in targets:
             ns.flush()
@@ -115,10 +114,7 @@ def flush(ctrl: NvmeController, cmd: Command) -> int:
 
 
 def write_zeroes(ctrl: NvmeController, cmd: Command) -> int:
-    ns = _namespace(ctrl, cmd.nsid)
-    slba = cmd.cdw11 << 32 | cmd.cdw10
-    nlb = (cmd.cdw12 & 0xFFFF) + 1
-    _lba_range(ns, slba, nlb)
+    ns, slba, nlb = _blocks(ctrl, cmd)
     try:
         ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
         if cmd.cdw12 & RW_FUA and ns.write_cache:
@@ -129,7 +125,7 @@ def write_zeroes(ctrl: NvmeController, cmd: Command) -> int:
 
 
 def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
-    ns = _namespace(ctrl, cmd.nsid)
+    ns = ctrl.require_namespace(cmd.nsid)
     nr = (cmd.cdw10 & 0xFF) + 1
     raw = read_guest(ctrl.dma, cmd.prp1, cmd.prp2, nr * _DSM_RANGE.size, ctrl.page_size)
     if not cmd.cdw11 & DSM_ATTR_DEALLOCATE:

@@ -248,7 +248,10 @@ def _restore(ctrl: NvmeController, state: dict[str, Any]) -> None:
     ctrl.events.masked = masked
     ctrl.events.config = event_config
     ctrl.error_log.count = error_count
-    for entry in reversed(error_entries):
+    # Saved oldest first; the log keeps the newest at the left.  Clear it
+    # first: a controller reset keeps the error log.
+    ctrl.error_log.entries.clear()
+    for entry in error_entries:
         ctrl.error_log.entries.appendleft(entry)
     (ctrl.smart.bytes_read, ctrl.smart.bytes_written, ctrl.smart.read_commands,
      ctrl.smart.write_commands) = smart  # fmt: skip

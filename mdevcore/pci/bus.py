@@ -576,7 +576,9 @@ class PciBus:
         assert pf.sriov is not None
         while pf.sriov.vfs:
             vf = pf.sriov.vfs[-1]
-            if vf.name in self.functions:
+            # Identity, not name: when enabling failed because another function
+            # holds this address, that function must stay.
+            if self.functions.get(vf.name) is vf:
                 self.remove_function(vf)
             pf.sriov.vfs.pop()
             assert vf.vf_index is not None

@@ -92,7 +92,8 @@ class PciSysfs:
         for skeleton in (PCI_DEVICES, PCI_DRIVERS, AUX_DEVICES, AUX_DRIVERS, "class/pci_bus"):
             self.tree.mkdir(skeleton, keep=True)
         self._bus_roots: set[str] = set()
-        self._driver_attrs: dict[str, list[str]] = {}  # device -> attribute paths added
+        # device -> top-level names its driver added (files or directories)
+        self._driver_attrs: dict[str, list[str]] = {}
         self._drivers_probe()
         bus.subscribe(self._on_event)
 

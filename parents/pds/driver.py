@@ -30,16 +30,15 @@ from mdevcore.sysfs.mdev_view import qemu_device_arg
 from mdevcore.sysfs.pci_view import PciSysfs
 from mdevcore.vfio_user.backend import DeviceBackend
 from parents.pds.pf import PDS_CORE_PF_DEVICE_ID, PdsConfig, PdsCorePf
-from parents.pds.vf import PDS_NVME_VF_DEVICE_ID, PENSANDO_VENDOR_ID
+from parents.pds.vf import NVME_CLASS_CODE, PDS_NVME_VF_DEVICE_ID, PENSANDO_VENDOR_ID
 
 log = logging.getLogger(__name__)
 
-NVME_CLASS = 0x010802
 LM_AUX_DRIVER = "pds_vfio.lm"
 
 
 class VfioHost(Protocol):
-    """Serves devices over vfio-user by name (mdevcore.daemon.hosts.NamedServers)."""
+    """Serves devices over vfio-user by name (mdevcore.daemon.servers.NamedServers)."""
 
     def serve(self, name: str, backend: DeviceBackend) -> Path: ...
 
@@ -170,7 +169,7 @@ class NvmeHostDriver(PciDriver):
     """The host's nvme driver: it takes NVMe functions for the host itself."""
 
     name = "nvme"
-    ids = (PciId(class_code=NVME_CLASS, class_mask=0xFFFFFF),)
+    ids = (PciId(class_code=NVME_CLASS_CODE, class_mask=0xFFFFFF),)
 
 
 class PdsHost:

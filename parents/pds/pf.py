@@ -69,6 +69,8 @@ class PdsConfig:
             raise ValueError(f"{self.total_vfs} VFs do not fit on bus {bdf.bus_name}")
         if self.ns_size < 4096 or self.ns_size % 4096:
             raise ValueError(f"namespace size {self.ns_size} is not a positive multiple of 4096")
+        # Checked now, not when the first VF is built inside a sysfs write.
+        DoorbellMode(self.doorbells)
 
 
 class PdsCorePf(PciDevice):
@@ -94,8 +96,6 @@ class PdsCorePf(PciDevice):
         )
         self.enable_lm = False
         self.vfs: dict[int, PdsNvmeVf] = {}
-        # What each VF's class offers, restored when live migration is enabled.
-        self._vf_migration: dict[int, int] = {}
 
     # --- SriovProvider -----------------------------------------------------------
 
@@ -111,13 +111,11 @@ class PdsCorePf(PciDevice):
             name=f"pds VF {bdf}",
         )
         self.vfs[index] = vf
-        self._vf_migration[index] = vf.migration_flags
         self._apply_lm(index)
         return vf
 
     def vf_gone(self, index: int, device: PciDevice) -> None:
         self.vfs.pop(index, None)
-        self._vf_migration.pop(index, None)
         device.close()
 
     # --- live migration -------------------------------------------------------------
@@ -130,5 +128,5 @@ class PdsCorePf(PciDevice):
     def _apply_lm(self, index: int) -> None:
         vf = self.vfs[index]
         # An instance attribute shadows the class's offer (PciDevice reads
-        # self.migration_flags for DEVICE_FEATURE).
-        vf.migration_flags = self._vf_migration[index] if self.enable_lm else 0
+        # self.migration_flags for DEVICE_FEATURE); the class keeps the offer.
+        vf.migration_flags = type(vf).migration_flags if self.enable_lm else 0

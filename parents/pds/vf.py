@@ -107,38 +107,54 @@ class PdsNvmeVf(PciDevice):
         self.name = name
         self.vf = vf
         self.mode = DoorbellMode(vf.doorbells)
-        areas = ((DOORBELL_BASE, 0x1000),) if self.mode is DoorbellMode.MMAP else ()
-        shared = self.add_bar(0, BAR0_SIZE, BarKind.MEM64, mmap_areas=areas)
-        self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM64)
-        self.add_pm()
-        self.add_msi(vectors=1)
-        self.msix_vectors = vf.io_queues + 1
-        self.add_msix(
-            self.msix_vectors,
-            table_bar=MSIX_BAR,
-            table_offset=0,
-            pba_bar=MSIX_BAR,
-            pba_offset=MSIX_PBA_OFFSET,
-        )
-        self.add_express()
-        self.namespace = FileNamespace(vf.backing, vf.size, lba_size=vf.lba_size, direct=vf.direct)
-        doorbells = shared[DOORBELL_BASE : DOORBELL_BASE + 0x1000] if shared is not None else None
-        self.controller = NvmeController(
-            self.dma,
-            [self.namespace],
-            self.raise_irq,
-            config=ControllerConfig(
-                serial=vf.serial,
-                model=vf.model,
-                max_io_queues=vf.io_queues,
-                max_queue_entries=vf.queue_entries,
-                subsystem_vendor_id=PENSANDO_VENDOR_ID,
-            ),
-            doorbells=doorbells,
-            irq_vectors=self._usable_vectors,
-            level_irq=self._intx_mode,
-            name=name,
-        )
+        shared: memoryview | None = None
+        doorbells: memoryview | None = None
+        namespace: FileNamespace | None = None
+        try:
+            areas = ((DOORBELL_BASE, 0x1000),) if self.mode is DoorbellMode.MMAP else ()
+            shared = self.add_bar(0, BAR0_SIZE, BarKind.MEM64, mmap_areas=areas)
+            self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, BarKind.MEM64)
+            self.add_pm()
+            self.add_msi(vectors=1)
+            self.msix_vectors = vf.io_queues + 1
+            self.add_msix(
+                self.msix_vectors,
+                table_bar=MSIX_BAR,
+                table_offset=0,
+                pba_bar=MSIX_BAR,
+                pba_offset=MSIX_PBA_OFFSET,
+            )
+            self.add_express()
+            namespace = FileNamespace(vf.backing, vf.size, lba_size=vf.lba_size, direct=vf.direct)
+            if shared is not None:
+                doorbells = shared[DOORBELL_BASE : DOORBELL_BASE + 0x1000]
+            self.controller = NvmeController(
+                self.dma,
+                [namespace],
+                self.raise_irq,
+                config=ControllerConfig(
+                    serial=vf.serial,
+                    model=vf.model,
+                    max_io_queues=vf.io_queues,
+                    max_queue_entries=vf.queue_entries,
+                    subsystem_vendor_id=PENSANDO_VENDOR_ID,
+                ),
+                doorbells=doorbells,
+                irq_vectors=self._usable_vectors,
+                level_irq=self._intx_mode,
+                name=name,
+            )
+        except BaseException:
+            # A VF the config cannot build must not keep its BAR memfd or the
+            # backing file open; exported views would keep the BAR mapped.
+            for view in (doorbells, shared):
+                if view is not None:
+                    view.release()
+            if namespace is not None:
+                namespace.close()
+            super().close()
+            raise
+        self.namespace = namespace
         self._wake = trio.Event()
         self._restored = False  # state loaded: kick interrupts when running again
 
@@ -211,7 +227,9 @@ class PdsNvmeVf(PciDevice):
             blob = json.loads(data[len(STATE_MAGIC) :])
             config = bytes.fromhex(blob["config"])
             msix_table = bytes.fromhex(blob["msix_table"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # RecursionError: a crafted stream can nest JSON arrays deeper than
+            # the decoder's limit; that is bad input, not a device failure.
             raise OSError(errno.EINVAL, f"pds NVMe VF state unreadable: {exc}") from None
         if len(config) != self.config.size or len(msix_table) != len(self._msix_table):
             raise OSError(errno.EINVAL, "pds NVMe VF state from a different device layout")

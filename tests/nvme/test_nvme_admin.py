@@ -13,6 +13,7 @@ from mdevcore.nvme.queues import make_command
 from mdevcore.nvme.spec import (
     CSTS_CFS,
     AdminOpcode,
+    AsyncEventType,
     CommandSpecific,
     FeatureId,
     Generic,
@@ -311,10 +312,16 @@ def test_async_event_request_is_held_until_an_event(host: Host, ctrl: NvmeContro
     assert host.reap(0) == []
     get_log(host, LogId.ERROR_INFO, 64, rae=True)  # RAE keeps the mask
     assert host.reap(0) == []
-    assert get_log(host, LogId.ERROR_INFO, 64)[0] == 0  # the read's own completion was reaped
+    # reading it (RAE clear) unmasks errors: the held AER completes right after the read
+    read = host.submit(
+        0,
+        make_command(
+            AdminOpcode.GET_LOG_PAGE, prp1=host.mem.alloc(PAGE), cdw10=15 << 16 | LogId.ERROR_INFO
+        ),
+    )
     host.run()
     done = host.reap(0)
-    assert [c.cid for c in done] == [aer2.cid]
+    assert [c.cid for c in done] == [read.cid, aer2.cid]
 
 
 def test_async_event_request_limit(host: Host, ctrl: NvmeController) -> None:
@@ -352,3 +359,30 @@ def test_keep_alive_timer(host: Host, ctrl: NvmeController, clock: FakeClock) ->
     clock.now = deadline
     ctrl.tick()
     assert ctrl.csts & CSTS_CFS
+    # Expired for good: no deadline stays in the past, or an owner that
+    # ticks whenever the deadline has passed would spin forever.
+    assert ctrl.next_deadline() is None
+
+
+def test_events_delivered_into_a_nearly_full_admin_cq_are_not_lost(
+    host: Host, ctrl: NvmeController
+) -> None:
+    cqe = host.admin(AdminOpcode.SET_FEATURES, cdw10=FeatureId.ASYNC_EVENT_CONFIG, cdw11=0x100)
+    assert cqe.status == 0
+    # two events of different types wait for AERs
+    ctrl.post_event(AsyncEventType.ERROR, 0, LogId.ERROR_INFO)
+    ctrl.post_event(AsyncEventType.NOTICE, 0, 4)
+    # admin CQ (16 slots, 15 usable) gets 14 unreaped completions, then two AERs
+    for _ in range(6):
+        host.submit(0, make_command(AdminOpcode.KEEP_ALIVE))
+    host.run()
+    for _ in range(8):
+        host.submit(0, make_command(AdminOpcode.KEEP_ALIVE))
+    aers = [host.submit(0, make_command(AdminOpcode.ASYNC_EVENT_REQUEST)) for _ in range(2)]
+    host.run()
+    done = host.reap(0)  # rings the new CQ head: room for the second event
+    host.run()
+    done += host.reap(0)
+    assert len(done) == 16
+    events = {c.cid: c.dw0 & 0x7 for c in done[14:]}
+    assert events == {aers[0].cid: AsyncEventType.ERROR, aers[1].cid: AsyncEventType.NOTICE}

@@ -19,7 +19,7 @@ from mdevcore.nvme.spec import AdminOpcode, FeatureId, IoOpcode, LogId
 from mdevcore.pci import caps
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.backend import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DmaMapping
-from parents.pds.vf import PdsNvmeVf, VfConfig
+from parents.pds.vf import STATE_MAGIC, PdsNvmeVf, VfConfig
 
 CONFIG = ControllerConfig(max_io_queues=8, max_queue_entries=256, mdts=5)
 
@@ -251,13 +251,33 @@ def test_vf_migrates_through_stop_copy_and_resuming(tmp_path: Path, mem: GuestMe
         dst.close()
 
 
-def test_vf_rejects_foreign_state(tmp_path: Path, mem: GuestMemory) -> None:
+@pytest.mark.parametrize(
+    "data",
+    [b"not a state at all", STATE_MAGIC + b"[" * 100_000],  # the second nests too deep
+)
+def test_vf_rejects_foreign_state(tmp_path: Path, mem: GuestMemory, data: bytes) -> None:
     vf = make_vf(tmp_path / "vf.img", mem)
     try:
         vf.set_migration_state(MigState.RESUMING)
-        vf.mig_data_write(b"not a state at all")
+        vf.mig_data_write(data)
         with pytest.raises(OSError) as info:
             vf.set_migration_state(MigState.STOP)
         assert info.value.errno == errno.EINVAL
+        assert vf.mig_state == MigState.RESUMING  # rejected, not broken
     finally:
         vf.close()
+
+
+def test_error_log_keeps_its_order(tmp_path: Path, mem: GuestMemory, clock: FakeClock) -> None:
+    ns = FileNamespace(tmp_path / "ns.img", NS_SIZE)
+    src = new_controller(mem, ns, [], clock)
+    for cid in (1, 2, 3):
+        src.error_log.record(0, cid, 0x2)
+    blob = json.loads(json.dumps(src.save_state()))
+    dst = new_controller(mem, ns, [], clock)
+    dst.load_state(blob)
+    assert [e.cid for e in dst.error_log.entries] == [3, 2, 1]  # newest first, as on the source
+    assert dst.error_log.page() == src.error_log.page()
+    src.close()
+    dst.close()
+    ns.close()

@@ -220,3 +220,18 @@ def test_arbitration_burst_limits_each_turn(host: Host) -> None:
     assert (len(host.reap(1)), len(host.reap(2))) == (4, 2)
     host.run()
     assert len(host.reap(2)) == 2
+
+
+def test_repeated_bad_doorbells_do_not_grow_the_event_queue(io_host: Host) -> None:
+    # No AER outstanding: events queue up.  A guest ringing missing queues or
+    # writing bad values in a loop must not make the controller's memory grow.
+    for n in range(50):
+        io_host.ring(2 * 7, 1)  # SQ 7 does not exist
+        io_host.ring(2, 100 + n % 2)  # SQ 1 has 16 entries; alternate bad values
+        io_host.run()
+    assert len(io_host.ctrl.events.queued) == 2  # invalid register, invalid value
+    aer = io_host.submit(0, make_command(AdminOpcode.ASYNC_EVENT_REQUEST))
+    io_host.run()
+    done = io_host.reap(0)
+    assert [c.cid for c in done] == [aer.cid]
+    assert done[0].dw0 & 0xFF07 == 0x0000  # error event, invalid doorbell register

@@ -135,3 +135,24 @@ def test_pin_based_interrupts_want_every_head_update(
     for _ in range(3):
         assert host.command(1, make_command(IoOpcode.FLUSH, nsid=1)).status == 0
     assert host.mmio_rings == 6  # tail and head, each time
+
+
+def test_queue_creation_failing_on_eventidx_creates_nothing(
+    ctrl: NvmeController, mem: GuestMemory
+) -> None:
+    host = ShadowHost(ctrl, mem)
+    host.enable()
+    assert host.configure() == 0
+    mem.holes.append((host.eventidx, PAGE))  # the guest unmapped its EventIdx page
+    cq, sq = mem.alloc(PAGE), mem.alloc(PAGE)
+    failed = status(StatusType.GENERIC, Generic.DATA_TRANSFER_ERROR)
+    cqe = host.admin(AdminOpcode.CREATE_IO_CQ, prp1=cq, cdw10=15 << 16 | 1, cdw11=1 << 16 | 3)
+    assert cqe.status == failed
+    assert 1 not in ctrl.cqs  # a failed create leaves no queue behind
+    mem.holes.clear()
+    cqe = host.admin(AdminOpcode.CREATE_IO_CQ, prp1=cq, cdw10=15 << 16 | 1, cdw11=1 << 16 | 3)
+    assert cqe.status == 0
+    mem.holes.append((host.eventidx, PAGE))
+    cqe = host.admin(AdminOpcode.CREATE_IO_SQ, prp1=sq, cdw10=15 << 16 | 1, cdw11=1 << 16 | 1)
+    assert cqe.status == failed
+    assert 1 not in ctrl.sqs and not ctrl.cqs[1].sqids

@@ -287,3 +287,24 @@ async def test_coalesced_interrupt_fires_from_the_run_task(workdir: str) -> None
         for fd in efds:
             os.close(fd)
         mem.close()
+
+
+@pytest.mark.parametrize("mode", [DoorbellMode.TRAPPED, DoorbellMode.MMAP])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"io_queues": 600},  # its MSI-X table would overlap the PBA
+        {"queue_entries": 70000},  # beyond CAP.MQES: the controller refuses
+    ],
+)
+def test_failed_vf_construction_leaks_no_fds(
+    tmp_path: Path, mode: DoorbellMode, bad: dict[str, int]
+) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    config = VfConfig(backing=tmp_path / "vf.img", size=1 << 20, doorbells=mode, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PdsNvmeVf(config)
+    assert open_fds() == before

@@ -8,6 +8,7 @@ import pytest
 from pds_card import PF, Card
 
 from mdevcore.daemon.control import handle_request
+from mdevcore.daemon.devlink import BoolParam
 
 SET = f"dev param set pci/{PF} name enable_lm"
 SHOW_TRUE = (
@@ -78,6 +79,26 @@ async def test_control_requests_are_checked(card: Card) -> None:
         card.devlink, json.dumps({"cmd": "devlink", "argv": ["dev", "param"]}).encode()
     )
     assert ok["rc"] == 0 and "enable_lm" in ok["out"]
-    for bad in (b"{", b"[]", b'{"cmd": "reboot"}', b'{"cmd": "devlink", "argv": [1]}', b"\xff"):
+    too_deep = b"[" * 100_000  # beyond the JSON decoder's recursion limit
+    for bad in (
+        b"{",
+        b"[]",
+        b'{"cmd": "reboot"}',
+        b'{"cmd": "devlink", "argv": [1]}',
+        b"\xff",
+        too_deep,
+    ):
         reply = handle_request(card.devlink, bad)
         assert reply["rc"] == 1 and reply["err"].startswith("mdevd:"), bad
+
+
+async def test_a_crashing_parameter_gets_an_error_reply(card: Card) -> None:
+    def broken(on: bool) -> None:
+        raise RuntimeError("driver bug")
+
+    card.devlink.register("pci/0000:99:00.0", [BoolParam("flaky", lambda: False, broken)])
+    argv = ["dev", "param", "set", "pci/0000:99:00.0", "name", "flaky", "value", "true"]
+    reply = handle_request(
+        card.devlink, json.dumps({"cmd": "devlink", "argv": argv + ["cmode", "runtime"]}).encode()
+    )
+    assert reply["rc"] == 1 and reply["err"].startswith("mdevd:")

@@ -12,7 +12,8 @@ import trio
 from pds_card import NS_SIZE, PF, PF_DIR, VF1, VF2, Card, make_card
 
 from mdevcore.pci import caps
-from mdevcore.pci.bus import kstrtobool, kstrtouint
+from mdevcore.pci.bus import Bdf, PciFunction, kstrtobool, kstrtouint
+from mdevcore.pci.device import PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_STOP_COPY
 from mdevcore.sysfs.tree import Attr
 from mdevcore.vfio_user.backend import DEVICE_FEATURE_GET, DEVICE_FEATURE_MIGRATION
@@ -332,6 +333,7 @@ async def test_configurable_pf_address_offset_and_stride(tmp_path: Path) -> None
         {"total_vfs": 0},
         {"ns_size": 1000},
         {"vf_stride": 0},
+        {"doorbells": "polled"},
     ],
 )
 def test_bad_card_configs(tmp_path: Path, config: dict[str, Any]) -> None:
@@ -355,3 +357,18 @@ def test_size_and_number_parsing() -> None:
     assert [kstrtobool(s) for s in (b"1", b"Y", b"on", b"0", b"n", b"off")] == [True] * 3 + [
         False
     ] * 3
+
+
+async def test_vf_address_taken_fails_cleanly(card: Card) -> None:
+    # Another function already sits where VF 2 would go: enabling fails
+    # with EEXIST, the VF made so far goes, and the other function stays.
+    bus = card.host.bus
+    other = PciFunction(Bdf.parse(VF2), PciDevice(PciIdentity(0x1AF4, 0x1000, class_code=0x020000)))
+    bus.add_function(other)
+    assert write_err(card, f"{PF_DIR}/sriov_numvfs", "2") == errno.EEXIST
+    assert bus.functions.get(VF2) is other
+    assert VF1 not in bus.functions
+    assert card.tree.read(f"{PF_DIR}/sriov_numvfs") == "0\n"
+    bus.remove_function(other)
+    card.tree.write(f"{PF_DIR}/sriov_numvfs", "2")
+    assert bus.function(VF2).physfn is bus.function(PF)
