@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mdevcore.nvme import NvmeController
 from mdevcore.nvme.queues import Command, Completion, make_command
@@ -24,6 +25,9 @@ from mdevcore.nvme.spec import (
     REG_CC,
     AdminOpcode,
 )
+
+if TYPE_CHECKING:
+    from parents.pds.vf import PdsNvmeVf
 
 PAGE = 4096
 NS_SIZE = 1 << 20  # the fixture namespace: 2048 blocks of 512 bytes
@@ -212,3 +216,24 @@ def status(sct: int, sc: int, dnr: bool = True) -> int:
 
 IrqLog = list[int]
 Clock = Callable[[], float]
+
+
+class VfHost(Host):
+    """A Host that reaches the controller through a PdsNvmeVf's BAR0 handlers,
+    as the vfio-user server would for trapped accesses."""
+
+    def __init__(self, vf: PdsNvmeVf, mem: GuestMemory) -> None:
+        super().__init__(vf.controller, mem)
+        self.vf = vf
+
+    def write32(self, offset: int, value: int) -> None:
+        self.vf.region_write(0, offset, struct.pack("<I", value))
+
+    def write64(self, offset: int, value: int) -> None:
+        self.vf.region_write(0, offset, struct.pack("<Q", value))
+
+    def read32(self, offset: int) -> int:
+        return int(struct.unpack("<I", self.vf.region_read(0, offset, 4))[0])
+
+    def ring(self, index: int, value: int) -> None:
+        self.vf.region_write(0, DOORBELL_BASE + 4 * index, struct.pack("<I", value))

@@ -6,12 +6,11 @@ import copy
 import errno
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nvme_host import NS_SIZE, PAGE, FakeClock, GuestMemory, Host
+from nvme_host import NS_SIZE, PAGE, FakeClock, GuestMemory, Host, VfHost
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.queues import make_command
@@ -169,24 +168,8 @@ def test_bad_state_is_rejected_and_changes_nothing(
 # --- the VF, through the PCI device's migration state machine --------------------
 
 
-class VfHost(Host):
-    """Host driving a PdsNvmeVf through its region handlers (as the server would)."""
-
-    def __init__(self, vf: PdsNvmeVf, mem: GuestMemory) -> None:
-        super().__init__(vf.controller, mem)
-        self.vf = vf
-
-    def write32(self, offset: int, value: int) -> None:
-        self.vf.region_write(0, offset, struct.pack("<I", value))
-
-    def write64(self, offset: int, value: int) -> None:
-        self.vf.region_write(0, offset, struct.pack("<Q", value))
-
-    def read32(self, offset: int) -> int:
-        return int(struct.unpack("<I", self.vf.region_read(0, offset, 4))[0])
-
-    def ring(self, index: int, value: int) -> None:
-        self.vf.region_write(0, 0x1000 + 4 * index, struct.pack("<I", value))
+class MigratingVfHost(VfHost):
+    """Processes only while the VF runs, as the VF's own run() task would."""
 
     def run(self) -> None:
         if self.vf.mig_state in (MigState.RUNNING, MigState.RUNNING_P2P):
@@ -213,7 +196,7 @@ def test_vf_migrates_through_stop_copy_and_resuming(tmp_path: Path, mem: GuestMe
         src.region_write(
             7, msix.offset + caps.MSIX_FLAGS, (ctl | caps.MSIX_FLAGS_ENABLE).to_bytes(2, "little")
         )
-        host = VfHost(src, mem)
+        host = MigratingVfHost(src, mem)
         host.enable()
         host.create_io_queue_pair(1, size=8, vector=2)
         buf = mem.alloc(PAGE)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from nvme_host import PAGE, GuestMemory, Host
+from nvme_host import PAGE, GuestMemory, Host, VfHost
 
 from mdevcore.nvme import NvmeController
 from mdevcore.nvme.queues import make_command
@@ -220,23 +220,6 @@ async def test_vf_end_to_end(workdir: str, mode: DoorbellMode) -> None:
         assert not vf.controller.sqs
 
 
-class TaskHost(Host):
-    """Host in the trio thread: registers through the VF's region handlers."""
-
-    def __init__(self, vf: PdsNvmeVf, mem: GuestMemory) -> None:
-        super().__init__(vf.controller, mem)
-        self.vf = vf
-
-    def write32(self, offset: int, value: int) -> None:
-        self.vf.region_write(0, offset, struct.pack("<I", value))
-
-    def write64(self, offset: int, value: int) -> None:
-        self.vf.region_write(0, offset, struct.pack("<Q", value))
-
-    def ring(self, index: int, value: int) -> None:
-        self.vf.region_write(0, 0x1000 + 4 * index, struct.pack("<I", value))
-
-
 async def test_coalesced_interrupt_fires_from_the_run_task(workdir: str) -> None:
     """Below the aggregation threshold, the run() task's timer delivers the interrupt."""
     from mdevcore.vfio_user.backend import DmaMapping
@@ -260,7 +243,7 @@ async def test_coalesced_interrupt_fires_from_the_run_task(workdir: str) -> None
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(vf.run)
-            host = TaskHost(vf, mem)
+            host = VfHost(vf, mem)
             host.enable()
             for _ in range(100):
                 if vf.controller.ready:
