@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import trio
 
 from mdevcore.daemon.devlink import DevlinkRegistry, run_devlink
-from mdevcore.vfio_user.server import unlink_stale_socket
+from mdevcore.unix_listener import unix_listener
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +59,14 @@ class ControlServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; the socket file is removed on the way out."""
-        unlink_stale_socket(self.path)
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await listener.bind(os.fspath(self.path))
-            os.chmod(self.path, 0o600)
-            listener.listen(8)
+        with unix_listener(self.path, 8, mode=0o600) as raw:
+            listener = trio.socket.from_stdlib_socket(raw)
             log.info("control socket at %s", self.path)
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
                     nursery.start_soon(self._connection, trio.SocketStream(sock))
-        finally:
-            listener.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         buf = b""

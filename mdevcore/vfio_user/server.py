@@ -26,13 +26,13 @@ import errno
 import logging
 import os
 import socket
-import stat
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
 
+from mdevcore.unix_listener import unix_listener
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.constants import SERVER_MAX_MSG_FDS
 from mdevcore.vfio_user.engine import Connection, DmaResult
@@ -268,17 +268,6 @@ class _Client:
         self.sock.close()
 
 
-def unlink_stale_socket(path: str | os.PathLike[str]) -> None:
-    """Remove a socket left by an earlier server; EEXIST if ``path`` is not a socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    os.unlink(path)
-
-
 class DeviceServer:
     """Serves one device on one UNIX socket (see the module doc)."""
 
@@ -318,23 +307,12 @@ class DeviceServer:
         ``backend.run()`` alongside for the whole time (an exception from it
         ends serve), and on exit drops the client and unlinks the socket.
         """
-        unlink_stale_socket(self.path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(self.path)
-            listener.listen(4)
-            listener.setblocking(False)
+        with unix_listener(self.path, 4) as listener:
             log.info("%s: listening on %s", self.name, self.path)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.backend.run)
                 task_status.started()
                 await self._accept_loop(listener)
-        finally:
-            listener.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         # Not accepting while a client is served keeps later connections
