@@ -6,36 +6,21 @@ so the server keeps running in the trio thread.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 from vfio_user_fakedev import FakeDevice
+from vfio_user_served import Served
 
 from mdevcore.vfio_user.server import DeviceServer
 
 
-@dataclasses.dataclass
-class Served:
-    device: FakeDevice
-    server: DeviceServer
-    path: str
-
-
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
-
-
 @pytest.fixture
-def sockdir() -> Iterator[str]:
-    # tmp_path can exceed the 108-byte sun_path limit; keep it short.
-    d = tempfile.mkdtemp(prefix="vu-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def sockdir(tmp_path: Path) -> str:
+    return str(tmp_path)  # the shared tmp_path is short enough for sun_path
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from conftest import open_fds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vfio_user_fakedev import FakeDevice
+from vfio_user_served import open_fds
 
 from mdevcore.vfio_user import wire
 from mdevcore.vfio_user.backend import REGION_FLAG_CAPS, RegionInfo, SparseArea

@@ -12,11 +12,11 @@ import os
 import random
 
 import trio
-from conftest import Served, open_fds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vfio_user_fakedev import FakeDevice
 from vfio_user_fuzzgen import FuzzRun, make_fds, mutate, random_message
+from vfio_user_served import Served, open_fds
 
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.engine import Connection

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
-from conftest import Served, open_fds
 from vfio_user_fakedev import (
     BAR0_SIZE,
     BAR1_SIZE,
@@ -25,6 +24,7 @@ from vfio_user_fakedev import (
     SPECIAL_TYPE,
     FakeDevice,
 )
+from vfio_user_served import Served, open_fds
 
 from mdevcore.vfio_user import wire
 from mdevcore.vfio_user.backend import (
