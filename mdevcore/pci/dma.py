@@ -96,20 +96,33 @@ class DirtyLog:
         last = (end - 1) // self.page_size
         self.pages.update(range(first, last + 1))
 
-    def report(self, iova: int, length: int) -> bytes:
-        """Bitmap of dirty pages in [iova, iova+length), clearing them (u64 words)."""
-        first = iova // self.page_size
-        npages = length // self.page_size
-        nbytes = ((npages + 63) // 64) * 8
-        bitmap = bytearray(nbytes)
-        if len(self.pages) < npages:
-            hits = [p for p in self.pages if first <= p < first + npages]
+    def report(self, iova: int, length: int, page_size: int | None = None) -> bytes:
+        """Bitmap (u64 words) of dirty ``page_size`` pages in [iova, iova+length).
+
+        The client may ask for any page size, not only the one logging runs
+        at: each logged page sets every requested page it overlaps.  Logged
+        pages wholly inside the range are cleared; one that straddles an end
+        of the range stays dirty for the report that covers its other part
+        (reporting a page twice is safe, missing one is not).
+        """
+        page_size = page_size or self.page_size
+        lps = self.page_size
+        end = iova + length
+        first, last = iova // lps, (end - 1) // lps
+        if len(self.pages) < last - first + 1:
+            hits = sorted(p for p in self.pages if first <= p <= last)
         else:
-            hits = [p for p in range(first, first + npages) if p in self.pages]
+            hits = [p for p in range(first, last + 1) if p in self.pages]
+        npages = length // page_size
+        bitmap = bytearray(((npages + 63) // 64) * 8)
         for page in hits:
-            bit = page - first
-            bitmap[bit // 8] |= 1 << (bit % 8)
-            self.pages.discard(page)
+            start, stop = page * lps, (page + 1) * lps
+            if iova <= start and stop <= end:
+                self.pages.discard(page)
+            lo = (max(start, iova) - iova) // page_size
+            hi = (min(stop, end) - 1 - iova) // page_size
+            for bit in range(lo, hi + 1):
+                bitmap[bit >> 3] |= 1 << (bit & 7)
         return bytes(bitmap)
 
 

@@ -31,11 +31,10 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 
-from mdevcore.driver import MdevTypeSpec
+from mdevcore.driver import MdevDriver, MdevTypeSpec
 from mdevcore.pci import config as cfg
-from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
+from mdevcore.pci.device import BarKind, Irq, PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY
-from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DeviceBackend
 
 from .uart import STATE_SIZE, Uart16550
@@ -83,9 +82,7 @@ class MttyDevice(PciDevice):
     def __init__(self, nr_ports: int, *, name: str = "mtty") -> None:
         if nr_ports not in (1, 2):
             raise OSError(errno.EINVAL, f"mtty has 1 or 2 ports, not {nr_ports}")
-        super().__init__(IDENTITY)
-        self.name = name
-        self.log.extra = {"device": name}
+        super().__init__(IDENTITY, name=name)
         self.nr_ports = nr_ports
         for bar in range(nr_ports):
             self.add_bar(bar, IO_BAR_SIZE, BarKind.IO)
@@ -103,9 +100,9 @@ class MttyDevice(PciDevice):
         # IRQ indexes as the kernel sample reports them: one MSI vector
         # although config space has no MSI capability (a client may still
         # wire it up), and no ERR/REQ interrupts.
-        self.irqs.resize(vfio.PCI_MSI_IRQ_INDEX, 1)
-        self.irqs.resize(vfio.PCI_ERR_IRQ_INDEX, 0)
-        self.irqs.resize(vfio.PCI_REQ_IRQ_INDEX, 0)
+        self.declare_irqs(Irq.MSI, 1)
+        for absent in (Irq.MSIX, Irq.ERR, Irq.REQ):
+            self.declare_irqs(absent, None)  # GET_IRQ_INFO: EINVAL, as mtty.c
         self._line = False
         self.ports = [Uart16550(self._port_irq) for _ in range(nr_ports)]
 
@@ -128,16 +125,7 @@ class MttyDevice(PciDevice):
 
     # --- interrupts -----------------------------------------------------------
 
-    def irq_info(self, index: int) -> vfio.IrqInfo:
-        # mtty.c answers GET_IRQ_INFO only for INTx and MSI; EINVAL otherwise.
-        if index not in (vfio.PCI_INTX_IRQ_INDEX, vfio.PCI_MSI_IRQ_INDEX):
-            raise OSError(errno.EINVAL, f"{self.name}: no IRQ info for index {index}")
-        return super().irq_info(index)
-
-    def set_irqs(
-        self, index: int, flags: int, start: int, count: int, data: bytes, fds: Sequence[int]
-    ) -> None:
-        super().set_irqs(index, flags, start, count, data, fds)
+    def on_irqs_changed(self, index: int) -> None:
         # The client may have switched between INTx and MSI while the line
         # was high: the INTx level must follow whichever is in use now.
         self._drive_intx()
@@ -150,16 +138,16 @@ class MttyDevice(PciDevice):
         if self._msi_in_use():
             # MSI is an edge: one message per rising edge of the line.
             if line:
-                self.trigger(vfio.PCI_MSI_IRQ_INDEX, 0)
+                self.trigger(Irq.MSI, 0)
         self._drive_intx()
 
     def _msi_in_use(self) -> bool:
-        return self.irqs.active_index() == vfio.PCI_MSI_IRQ_INDEX
+        return self.irq_in_use() == Irq.MSI
 
     def _drive_intx(self) -> None:
         # INTx is a level: PciDevice re-signals on every unmask while high.
         want = self._line and not self._msi_in_use()
-        if self.irqs.intx_level != want:
+        if self.intx_level != want:
             self.set_intx(want)
 
     @property
@@ -201,7 +189,7 @@ class MttyDevice(PciDevice):
         return self.ports[bar]
 
 
-class MttyDriver:
+class MttyDriver(MdevDriver):
     """The "mtty" parent: types mtty-1 and mtty-2 over a pool of 24 ports."""
 
     name = PARENT_NAME
@@ -245,8 +233,6 @@ class MttyDriver:
 
     def remove(self, uuid: uuid.UUID, device: DeviceBackend) -> None:
         self._release(uuid)
-        if isinstance(device, MttyDevice):
-            device.close()  # drop the eventfds it still holds
         log.info("mtty %s: removed, %d port(s) free", uuid, self._free)
 
     def device_attributes(self, uuid: uuid.UUID, device: DeviceBackend) -> Mapping[str, str]:
