@@ -399,7 +399,7 @@ async def test_dirty_logging_records_only_the_requested_ranges() -> None:
         await dev.dma_write(0x100000 + 4096 * 10, b"x")  # outside every range
         dev.dma.translate(0x100000 + 4096 * 7, 3 * 4096, write=True)  # pages 7-9: only 8
         assert report(dev, 0x100000, 64 * 4096, 4096) == (1 << 3) | (1 << 8)
-        assert dev.dma.dirty is not None and not dev.dma.dirty.pages
+        assert dev.dma.dirty is not None and not dev.dma.dirty.dirty_pages()
     finally:
         dev.disconnected()
         os.close(fd)
