@@ -219,9 +219,10 @@ class MttyDevice(PciDevice):
             data[_MIG_HEADER.size + i * STATE_SIZE : _MIG_HEADER.size + (i + 1) * STATE_SIZE]
             for i in range(self.nr_ports)
         ]
-        states = [Uart16550.parse(record) for record in records]
-        for port, state in zip(self.ports, states, strict=True):
-            port.s = state
+        for record in records:
+            Uart16550.parse(record)  # raises before any port is touched
+        for port, record in zip(self.ports, records, strict=True):
+            port.load(record)
         self.log.info("state of %d port(s) loaded", self.nr_ports)
 
     def _header(self) -> bytes:
