@@ -2,6 +2,7 @@
 
 mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent-opt NAME.KEY=VALUE]...
 mdevd parents
+mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
 mdevd lab ...
@@ -60,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("parents", help="list the installed parent plug-ins and their options")
 
+    n = sub.add_parser("new-parent", help="write a new parent package from the template")
+    n.add_argument("name", help="package and parent name, e.g. mydev")
+    n.add_argument("--dir", type=Path, default=Path("."), help="where to create NAME/ (default .)")
+
     m = sub.add_parser("mdevctl", help="run the real mdevctl against the mirror")
     m.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     m.add_argument("--sysfs", type=Path, help="the mirror (default RUN_DIR/sys)")
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe(discover()))
             return 0
+        if args.command == "new-parent":
+            from mdevcore.newparent import main as new_parent
+
+            return new_parent(args.name, args.dir)
         if args.command == "mdevctl":
             from mdevcore.daemon.mdevctl import run_mdevctl
 
