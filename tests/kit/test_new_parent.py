@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import subprocess
 import sys
 import uuid
@@ -50,7 +51,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     env_dir = base / "venv"
     run(sys.executable, "-m", "venv", env_dir)
     pip = env_dir / "bin" / "pip"
-    run(pip, "install", "-q", "--disable-pip-version-check", CHECKOUT)
+    # From a copy: building in place would leave build/ in the checkout.
+    source = base / "mdevcore-src"
+    shutil.copytree(
+        CHECKOUT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info")
+    )
+    run(pip, "install", "-q", "--disable-pip-version-check", source)
     run(pip, "install", "-q", "--disable-pip-version-check", f"{package}[test]")
     return env_dir, package
 
@@ -80,7 +86,7 @@ def test_generated_parent_is_served_and_driven_by_a_guest(
         (sysfs / TYPES / "create").write_text(f"{dev}\n")
         device_line = (sysfs / "bus/mdev/devices" / str(dev) / "vfio_user/qemu_device").read_text()
         # The real mdevctl sees the parent and starts a second device.
-        mdevctl = [mdevd, "mdevctl", "--sysfs", sysfs, "--run-dir", run_dir]
+        mdevctl: list[str | Path] = [mdevd, "mdevctl", "--sysfs", sysfs, "--run-dir", run_dir]
         assert f"{NAME}-1" in run(*mdevctl, "types")
         started = run(*mdevctl, "start", "-p", NAME, "-t", f"{NAME}-1").strip()
         assert str(dev) in run(*mdevctl, "list") and started in run(*mdevctl, "list")
