@@ -68,6 +68,7 @@ class VirtioPciDevice(PciDevice):
         self.queues = [SplitQueue(self.dma, i, queue_size) for i in range(num_queues)]
         self.common = CommonConfig(self, self.queues, device_features)
         self.isr = 0
+        self.reset_count = 0  # virtio resets so far (status 0, DEVICE_RESET, FLR): for logs/tests
 
     # --- what a device type overrides ------------------------------------------
 
@@ -99,6 +100,7 @@ class VirtioPciDevice(PciDevice):
         return self._msix_vectors
 
     def virtio_reset(self) -> None:
+        self.reset_count += 1
         for q in self.queues:
             q.reset()
         self.common.reset()
