@@ -139,11 +139,14 @@ class VirtioNetDevice(VirtioPciDevice):
     def _serve_control(self, queue: SplitQueue) -> None:
         served = False
         while (chain := queue.pop()) is not None:
-            ack = spec.NET_ERR
-            if 2 <= chain.readable_len <= MAX_CTRL_REQUEST:
-                request = gather(self.dma, chain, MAX_CTRL_REQUEST)
-                ack = self.control.execute(request, self.common.negotiated)
-            written = scatter(self.dma, chain, bytes([ack])) if chain.writable else 0
+            written = 0
+            # Without an ack byte the driver could not learn the outcome: not executed.
+            if chain.writable:
+                ack = spec.NET_ERR
+                if 2 <= chain.readable_len <= MAX_CTRL_REQUEST:
+                    request = gather(self.dma, chain, MAX_CTRL_REQUEST)
+                    ack = self.control.execute(request, self.common.negotiated)
+                written = scatter(self.dma, chain, bytes([ack]))
             queue.push([(chain.head, written)])
             served = True
         if served:
