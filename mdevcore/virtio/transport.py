@@ -53,17 +53,21 @@ class VirtioPciDevice(PciDevice):
         device_cfg_size: int,
     ) -> None:
         super().__init__(identity)
-        self.add_bar(self.layout.bar, self.layout.size, BarKind.MEM64)
-        self.add_bar(self.msix_bar, self.msix_bar_size, BarKind.MEM64)
-        self.add_msix(
-            msix_vectors,
-            table_bar=self.msix_bar,
-            table_offset=0,
-            pba_bar=self.msix_bar,
-            pba_offset=self.msix_pba_offset,
-        )
+        try:
+            self.add_bar(self.layout.bar, self.layout.size, BarKind.MEM64)
+            self.add_bar(self.msix_bar, self.msix_bar_size, BarKind.MEM64)
+            self.add_msix(
+                msix_vectors,
+                table_bar=self.msix_bar,
+                table_offset=0,
+                pba_bar=self.msix_bar,
+                pba_offset=self.msix_pba_offset,
+            )
+            add_virtio_caps(self.config, self.layout, device_cfg_size)
+        except BaseException:
+            PciDevice.close(self)
+            raise
         self.device_cfg_size = device_cfg_size
-        add_virtio_caps(self.config, self.layout, device_cfg_size)
         self._msix_vectors = msix_vectors
         self.queues = [SplitQueue(self.dma, i, queue_size) for i in range(num_queues)]
         self.common = CommonConfig(self, self.queues, device_features)

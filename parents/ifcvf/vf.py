@@ -39,8 +39,12 @@ class IfcvfNetVf(VirtioNetDevice):
     def __init__(self, net: NetConfig, backend: FrameBackend, *, name: str = "ifcvf") -> None:
         try:
             super().__init__(IFCVF_IDENTITY, net, backend)
+        except BaseException:
+            backend.close()  # ours from now on, even when the VF cannot be built
+            raise
+        try:
             self.add_express()
         except BaseException:
-            backend.close()
+            self.close()
             raise
         self.name = name

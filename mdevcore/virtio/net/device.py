@@ -107,6 +107,7 @@ class VirtioNetDevice(VirtioPciDevice):
         self.link_up = up
         if not up:
             self.rx_backlog.clear()
+            self._rx_room.set()  # run() may be parked on a full backlog
         self.config_changed()
 
     def on_virtio_reset(self) -> None:
