@@ -64,12 +64,12 @@ class VirtioPciDevice(PciDevice):
                 pba_offset=self.msix_pba_offset,
             )
             add_virtio_caps(self.config, self.layout, device_cfg_size)
+            self.queues = [SplitQueue(self.dma, i, queue_size) for i in range(num_queues)]
         except BaseException:
             PciDevice.close(self)
             raise
         self.device_cfg_size = device_cfg_size
         self._msix_vectors = msix_vectors
-        self.queues = [SplitQueue(self.dma, i, queue_size) for i in range(num_queues)]
         self.common = CommonConfig(self, self.queues, device_features)
         self.isr = 0
         self.reset_count = 0  # virtio resets so far (status 0, DEVICE_RESET, FLR): for logs/tests

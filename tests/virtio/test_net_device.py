@@ -197,3 +197,24 @@ async def test_full_backlog_link_down_up_keeps_receiving() -> None:
             nursery.cancel_scope.cancel()
     finally:
         r.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"queue_size": 100},  # not a power of two
+        {"max_pairs": 40},  # beyond what the VF supports
+        {"mac": b"\x02"},
+    ],
+)
+def test_failed_vf_construction_closes_the_backend(bad: dict[str, object]) -> None:
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    near, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    config = NetConfig(**{"mac": MAC, **bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        IfcvfNetVf(config, DatagramBackend(near))
+    assert near.fileno() == -1  # closed by the VF
+    far.close()
+    assert len(os.listdir("/proc/self/fd")) == before
