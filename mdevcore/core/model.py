@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from mdevcore.core.events import DeviceAdded, DeviceRemoved, MdevEvent, ParentAdded, ParentRemoved
 from mdevcore.core.parse import parse_remove, parse_uuid
-from mdevcore.driver import MdevDriver, MdevTypeSpec
+from mdevcore.driver import MdevDriver, MdevTypeSpec, check_driver
 from mdevcore.vfio_user.backend import DeviceBackend
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class MdevCore:
     def register_parent(self, name: str, location: str, driver: MdevDriver) -> Parent:
         """mdev_register_parent: make ``driver``'s types creatable under ``name``."""
         clean = _check_location(name, location)
+        check_driver(driver)
         with self._lock:
             if name in self._parents:
                 raise OSError(errno.EEXIST, f"parent {name!r} already registered")
@@ -207,6 +208,7 @@ class MdevCore:
                     parent.driver.remove(device.uuid, device.backend)
                 except Exception:
                     log.exception("mdev %s: driver remove failed during unregister", device.uuid)
+                _close(device)
                 del self._devices[device.uuid]
                 self._emit(DeviceRemoved(device))
             del self._parents[name]
@@ -258,6 +260,7 @@ class MdevCore:
             except Exception as e:
                 log.exception("mdev %s: driver remove crashed", dev_uuid)
                 raise OSError(errno.EIO, "driver remove failed") from e
+            _close(device)
             del self._devices[dev_uuid]
             log.info("mdev %s removed", dev_uuid)
             self._emit(DeviceRemoved(device))
@@ -268,3 +271,14 @@ class MdevCore:
             self.remove(dev_uuid)
         else:
             self.device(dev_uuid)  # still ENODEV for a device that is gone
+
+
+def _close(device: MdevDevice) -> None:
+    """Release the removed device's resources (eventfds, memfds, files)."""
+    close = getattr(device.backend, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.exception("mdev %s: closing the removed device failed", device.uuid)

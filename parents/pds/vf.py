@@ -36,6 +36,7 @@ from mdevcore.nvme.spec import DOORBELL_BASE
 from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_STOP_COPY, MigState
+from mdevcore.pci.msix import MsixTable
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class PdsNvmeVf(PciDevice):
         blob = {
             "controller": self.controller.save_state(),
             "config": self.config.read(0, self.config.size).hex(),
-            "msix_table": bytes(self._msix_table).hex(),
+            "msix_table": self._msix().snapshot().hex(),
         }
         return STATE_MAGIC + json.dumps(blob, separators=(",", ":")).encode()
 
@@ -231,7 +232,7 @@ class PdsNvmeVf(PciDevice):
             # RecursionError: a crafted stream can nest JSON arrays deeper than
             # the decoder's limit; that is bad input, not a device failure.
             raise OSError(errno.EINVAL, f"pds NVMe VF state unreadable: {exc}") from None
-        if len(config) != self.config.size or len(msix_table) != len(self._msix_table):
+        if len(config) != self.config.size or len(msix_table) != len(self._msix().entries):
             raise OSError(errno.EINVAL, "pds NVMe VF state from a different device layout")
         # Config space first: the controller checks vectors against MSI-X.
         previous = self.config.read(0, self.config.size)
@@ -241,18 +242,25 @@ class PdsNvmeVf(PciDevice):
         except OSError:
             self.config.update(0, previous)
             raise
-        self._msix_table[:] = msix_table
+        self._msix().restore(msix_table)
         self._restored = True
         log.info("%s: state restored", self.name)
 
-    def close(self) -> None:
-        self.controller.close()
-        self.namespace.close()
-        super().close()
+    def _msix(self) -> MsixTable:
+        assert self.msix_table is not None  # the VF always has MSI-X
+        return self.msix_table
+
+    def on_close(self) -> None:
+        # Also reached when __init__ failed before the controller existed
+        # (that path closes its namespace itself).
+        controller = getattr(self, "controller", None)
+        if controller is not None:
+            controller.close()
+            self.namespace.close()
 
     # --- processing -------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def background(self) -> None:
         """Execute commands as doorbells move, and fire timed interrupts."""
         ctrl = self.controller
         idle_since = trio.current_time()

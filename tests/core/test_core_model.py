@@ -218,3 +218,34 @@ def test_create_checks_refuse_before_probe(core: MdevCore) -> None:
     core.create_store("pool", "pool-2", U1)
     core.remove_create_check(check)
     core.create_store("pool", "pool-1", U2)
+
+
+def test_core_closes_removed_devices(core: MdevCore) -> None:
+    dev = core.create("pool", "pool-1", uuid.UUID(U1))
+    assert not dev.backend.closed  # type: ignore[attr-defined]
+    core.remove(uuid.UUID(U1))
+    assert dev.backend.closed  # type: ignore[attr-defined]
+
+
+def test_core_keeps_a_device_whose_remove_was_refused(core: MdevCore) -> None:
+    dev = core.create("pool", "pool-1", uuid.UUID(U1))
+    dev.backend.busy = True  # type: ignore[attr-defined]
+    assert errno_of(core.remove, uuid.UUID(U1)) == errno.EBUSY
+    assert not dev.backend.closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("missing", ["name", "types", "probe"])
+def test_register_refuses_an_incomplete_driver(missing: str) -> None:
+    from mdevcore.driver import MdevDriver, MdevTypeSpec
+
+    attrs: dict[str, object] = {
+        "name": "half",
+        "types": (MdevTypeSpec("1", "one"),),
+        "probe": lambda self, u, t: None,
+    }
+    attrs[missing] = "" if missing == "name" else () if missing == "types" else None
+    driver = type("Half", (MdevDriver,), attrs)()
+    with pytest.raises(ValueError) as info:
+        MdevCore().register_parent("half", "devices/virtual/half/half", driver)  # type: ignore[arg-type]
+    assert missing in str(info.value)
+    assert MdevDriver().device_attributes(uuid.UUID(U1), None) == {}  # type: ignore[arg-type]
