@@ -165,7 +165,7 @@ def test_mac_addr_set_then_reset_restores_the_configured_mac(rig: Rig) -> None:
 
 
 async def test_full_backlog_link_down_up_keeps_receiving() -> None:
-    """The run task parks on a full backlog; a link flap must not leave it parked."""
+    """The RX task parks on a full backlog; a link flap must not leave it parked."""
     import trio
     import trio.testing
 
@@ -175,7 +175,7 @@ async def test_full_backlog_link_down_up_keeps_receiving() -> None:
     try:
         r.drv.driver_ok()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(r.vf.run)
+            nursery.start_soon(r.vf.background)
             for i in range(RX_BACKLOG + 5):  # no RX buffers: the backlog fills
                 r.wire.send(frame(MAC, PEER, struct.pack(">I", i)))
             await trio.testing.wait_all_tasks_blocked()

@@ -2,7 +2,7 @@
 
 Queues: receiveq1, transmitq1, ..., receiveqN, transmitqN, then controlq
 (5.1.2), N = ``max_pairs``.  TX is served right inside the notify write
-(no scheduler hop); RX is fed by the ``run`` task reading the backend.
+(no scheduler hop); RX is fed by the ``background`` task reading the backend.
 Frames arriving while the driver has no RX buffers wait in a short queue
 (``RX_BACKLOG``); while it is full the task stops reading, so the backend
 socket's own buffer holds the rest and then drops, as a wire would.
@@ -67,6 +67,7 @@ class VirtioNetDevice(VirtioPciDevice):
         if len(net.mac) != 6 or not 1 <= net.max_pairs <= 16:
             raise ValueError("a MAC is 6 bytes; 1-16 queue pairs")
         num_queues = 2 * net.max_pairs + 1
+        self.backend = backend  # before the transport: a failed build closes it (on_close)
         super().__init__(
             identity,
             device_features=NET_FEATURES,
@@ -76,7 +77,6 @@ class VirtioNetDevice(VirtioPciDevice):
             device_cfg_size=spec.NET_CFG_SIZE,
         )
         self.net = net
-        self.backend = backend
         self.link_up = net.link_up
         self.control = NetControl(RxFilter(net.mac), net.max_pairs)
         self.ctrl_queue = self.queues[-1]
@@ -107,7 +107,7 @@ class VirtioNetDevice(VirtioPciDevice):
         self.link_up = up
         if not up:
             self.rx_backlog.clear()
-            self._rx_room.set()  # run() may be parked on a full backlog
+            self._rx_room.set()  # background() may be parked on a full backlog
         self.config_changed()
 
     def on_virtio_reset(self) -> None:
@@ -207,7 +207,7 @@ class VirtioNetDevice(VirtioPciDevice):
         if len(self.rx_backlog) < RX_BACKLOG:
             self._rx_room.set()
 
-    async def run(self) -> None:
+    async def background(self) -> None:
         """Feed frames from the backend, pausing while the backlog is full."""
         while True:
             while len(self.rx_backlog) >= RX_BACKLOG:
@@ -216,6 +216,5 @@ class VirtioNetDevice(VirtioPciDevice):
             frame = await self.backend.receive()
             self.receive(frame)
 
-    def close(self) -> None:
+    def on_close(self) -> None:
         self.backend.close()
-        super().close()
