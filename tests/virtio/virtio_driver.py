@@ -129,15 +129,16 @@ class VirtioDriver:
         self.write(noff * self.notify_mult, 2, index, spec.PCI_CAP_NOTIFY_CFG)
 
     def enable_msix(self) -> None:
-        off = next(o for o, (c, *_) in self._cap_list() if c == caps.CAP_ID_MSIX)
+        off = next(ptr for ptr, cap_id in self.cap_list() if cap_id == caps.CAP_ID_MSIX)
         ctl = self.cfg(off + caps.MSIX_FLAGS, 2)
         self.cfg_write(off + caps.MSIX_FLAGS, 2, ctl | caps.MSIX_FLAGS_ENABLE)
 
-    def _cap_list(self) -> list[tuple[int, tuple[int]]]:
+    def cap_list(self) -> list[tuple[int, int]]:
+        """(offset, capability id) along the standard list."""
         out = []
         ptr = self.cfg(0x34, 1)
         while ptr:
             cap_id, nxt = self.dev.region_read(CONFIG, ptr, 2)
-            out.append((ptr, (cap_id,)))
+            out.append((ptr, cap_id))
             ptr = nxt
         return out
