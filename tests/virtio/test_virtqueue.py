@@ -139,6 +139,17 @@ def _indirect_loop(drv: DriverQueue, ram: GuestRam) -> None:
     drv.publish(0)
 
 
+def _indirect_longer_than_queue(drv: DriverQueue, ram: GuestRam) -> None:
+    entries = SIZE + 1
+    t = ram.alloc(entries * spec.DESC_SIZE)
+    buf = ram.alloc(8)
+    for i in range(entries):
+        flags = spec.DESC_F_NEXT if i < entries - 1 else 0
+        ram.write(t + i * spec.DESC_SIZE, spec.DESC.pack(buf, 8, flags, i + 1))
+    drv.set_desc(0, t, entries * spec.DESC_SIZE, spec.DESC_F_INDIRECT)
+    drv.publish(0)
+
+
 def _indirect_table_unmapped(drv: DriverQueue, ram: GuestRam) -> None:
     drv.set_desc(0, ram.base + ram.size, 16, spec.DESC_F_INDIRECT)
     drv.publish(0)
@@ -165,6 +176,7 @@ BAD_CHAINS: dict[str, Callable[[DriverQueue, GuestRam], None]] = {
     "indirect-bad-length": _indirect_bad_length,
     "indirect-loop": _indirect_loop,
     "indirect-table-unmapped": _indirect_table_unmapped,
+    "indirect-longer-than-queue": _indirect_longer_than_queue,
     "readable-after-writable": _readable_after_writable,
     "avail-idx-jump": _avail_jump,
     "avail-idx-backwards": _avail_backwards,
