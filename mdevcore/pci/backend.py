@@ -110,6 +110,8 @@ class PciBackend:
         def bar_read(self, bar: int, offset: int, size: int) -> bytes: ...
         def bar_write(self, bar: int, offset: int, data: bytes) -> None: ...
         def on_config_write(self, offset: int, data: bytes) -> None: ...
+        def on_config_read(self, offset: int, size: int) -> bytes | None: ...
+        def on_disconnected(self) -> None: ...
         def on_reset(self) -> None: ...
         def on_irqs_changed(self, index: int) -> None: ...
         def on_close(self) -> None: ...
@@ -178,6 +180,11 @@ class PciBackend:
             if index == vfio.PCI_CONFIG_REGION_INDEX:
                 if offset < cfg.STATUS + 2 and cfg.STATUS < offset + count:
                     self._refresh_status()
+                special = self.on_config_read(offset, count)
+                if special is not None:
+                    if len(special) != count:
+                        raise OSError(errno.EIO, "device returned a short config read")
+                    return bytes(special)
                 return self.config.read(offset, count)
             return self.rom[offset : offset + count]
         # BAR accesses are the hot path: keep the checks inline.
@@ -337,6 +344,10 @@ class PciBackend:
         self._port = port
 
     def disconnected(self) -> None:
+        try:
+            self.on_disconnected()  # before the mappings go: the device may still stop DMA
+        except Exception:
+            self.log.exception("on_disconnected failed")
         self.dma.clear()
         self.dma.dirty = None
         self.irqs.close_all()

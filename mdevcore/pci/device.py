@@ -405,8 +405,23 @@ class PciDevice(PciBackend):
     def on_config_write(self, offset: int, data: bytes) -> None:
         """Called after a config-space write has been applied (masks honoured)."""
 
+    def on_config_read(self, offset: int, size: int) -> bytes | None:
+        """Bytes for a config read with side effects (e.g. virtio's pci_cfg window).
+
+        Return None (the default) to read config space as it is; otherwise
+        exactly ``size`` bytes.
+        """
+        return None
+
     def on_reset(self) -> None:
         """Device reset (DEVICE_RESET, FLR): return device state to power-on."""
+
+    def on_disconnected(self) -> None:
+        """The client went away; its DMA mappings are still there: stop using them.
+
+        The framework then unmaps them and closes the interrupt eventfds;
+        device state is kept for the next client.
+        """
 
     def on_irqs_changed(self, index: int) -> None:
         """The client changed IRQ ``index`` (SET_IRQS applied: eventfds, masks)."""

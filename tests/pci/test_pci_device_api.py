@@ -160,3 +160,29 @@ def test_report_bad_page_size_is_einval(logged: Logged, page_size: int) -> None:
     with pytest.raises(OSError) as info:
         report(logged, 0x100000, 1 << 20, page_size)
     assert info.value.errno == errno.EINVAL
+
+
+def test_config_read_and_disconnect_hooks() -> None:
+    seen: list[str] = []
+
+    class Windowed(PciDevice):
+        def __init__(self) -> None:
+            super().__init__(IDENT)
+
+        def on_config_read(self, offset: int, size: int) -> bytes | None:
+            return b"\xab" * size if offset >= 0xF0 else None
+
+        def on_disconnected(self) -> None:
+            seen.append(f"mapped {len(self.dma)}")
+
+    dev = Windowed()
+    assert dev.region_read(7, 0xF0, 4) == b"\xab" * 4
+    assert dev.region_read(7, 0, 2) == (0x1234).to_bytes(2, "little")
+    ram = os.memfd_create("ram")
+    os.ftruncate(ram, 4096)
+    try:
+        dev.dma_map(DmaMapping(address=0, size=4096, flags=3, fd=ram, offset=0))
+    finally:
+        os.close(ram)
+    dev.disconnected()
+    assert seen == ["mapped 1"] and len(dev.dma) == 0
