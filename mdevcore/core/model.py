@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable, Mapping
 
 from mdevcore.core.events import DeviceAdded, DeviceRemoved, MdevEvent, ParentAdded, ParentRemoved
-from mdevcore.core.parse import parse_remove, parse_uuid
 from mdevcore.driver import MdevDriver, MdevTypeSpec, check_driver
 from mdevcore.vfio_user.backend import DeviceBackend
 
@@ -244,10 +243,6 @@ class MdevCore:
             self._emit(DeviceAdded(device))
             return device
 
-    def create_store(self, parent_name: str, type_id: str, data: bytes | str) -> MdevDevice:
-        """What a write to ``<type>/create`` does: parse (EINVAL), then create."""
-        return self.create(parent_name, type_id, parse_uuid(data))
-
     def remove(self, dev_uuid: uuid.UUID) -> None:
         """mdev_device_remove: the driver may refuse with EBUSY/EAGAIN."""
         with self._lock:
@@ -264,13 +259,6 @@ class MdevCore:
             del self._devices[dev_uuid]
             log.info("mdev %s removed", dev_uuid)
             self._emit(DeviceRemoved(device))
-
-    def remove_store(self, dev_uuid: uuid.UUID, data: bytes | str) -> None:
-        """What a write to ``<device>/remove`` does: non-zero removes, 0 does nothing."""
-        if parse_remove(data):
-            self.remove(dev_uuid)
-        else:
-            self.device(dev_uuid)  # still ENODEV for a device that is gone
 
 
 def _close(device: MdevDevice) -> None:

@@ -108,12 +108,10 @@ class NvmeController:
         self.level_irq = level_irq or (lambda: False)
         if doorbells is None:
             self._doorbell_mem: memoryview = memoryview(bytearray(DOORBELL_PAGE))
-            self.doorbells_shared = False
         else:
             if len(doorbells) < DOORBELL_PAGE:
                 raise ValueError("doorbell memory must be one page")
             self._doorbell_mem = doorbells[:DOORBELL_PAGE]
-            self.doorbells_shared = True
         self.doorbells = self._doorbell_mem.cast("B").cast("I")
         self.irq = InterruptLogic(raise_irq, clock)
         self.features = Features(self.config.max_io_queues)
