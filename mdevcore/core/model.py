@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from mdevcore.core.events import DeviceAdded, DeviceRemoved, MdevEvent, ParentAdded, ParentRemoved
 from mdevcore.driver import MdevDriver, MdevTypeSpec, check_driver
+from mdevcore.observers import Observers
 from mdevcore.vfio_user.backend import DeviceBackend
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class MdevCore:
         self._lock = threading.RLock()
         self._parents: dict[str, Parent] = {}
         self._devices: dict[uuid.UUID, MdevDevice] = {}
-        self._observers: list[Observer] = []
+        self._observers: Observers[MdevEvent] = Observers()
         self._create_checks: list[CreateCheck] = []
 
     # --- observation ------------------------------------------------------
@@ -103,16 +104,15 @@ class MdevCore:
         already exists, atomically with the subscription.
         """
         with self._lock:
+            existing: list[MdevEvent] = []
             if replay:
-                for parent in self._parents.values():
-                    observer(ParentAdded(parent))
-                for device in self._devices.values():
-                    observer(DeviceAdded(device))
-            self._observers.append(observer)
+                existing += [ParentAdded(p) for p in self._parents.values()]
+                existing += [DeviceAdded(d) for d in self._devices.values()]
+            self._observers.subscribe(observer, existing)
 
     def unsubscribe(self, observer: Observer) -> None:
         with self._lock:
-            self._observers.remove(observer)
+            self._observers.unsubscribe(observer)
 
     def add_create_check(self, check: CreateCheck) -> None:
         """Run ``check(type, uuid)`` before each probe; its OSError fails the create.
@@ -128,12 +128,7 @@ class MdevCore:
             self._create_checks.remove(check)
 
     def _emit(self, event: MdevEvent) -> None:
-        for observer in list(self._observers):
-            try:
-                observer(event)
-            except Exception:
-                # A broken view must not undo a create the driver already did.
-                log.exception("observer %r failed on %r", observer, event)
+        self._observers.emit(event)  # under self._lock (mdevcore.observers)
 
     # --- queries ----------------------------------------------------------
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from mdevcore.kernel_parse import kstrtobool, kstrtoul, sysfs_streq
+from mdevcore.observers import Observers
 from mdevcore.pci import caps
 from mdevcore.pci.device import PciDevice
 
@@ -323,30 +324,28 @@ class PciBus:
         self.drivers: dict[str, PciDriver] = {}
         self.aux_devices: dict[str, AuxDevice] = {}
         self.aux_drivers: list[str] = []
-        self._observers: list[Observer] = []
+        # Changed from the daemon's trio thread only (mdevcore.observers).
+        self._observers: Observers[BusEvent] = Observers()
 
     def subscribe(self, observer: Observer) -> None:
         """Follow the bus; what exists already is replayed first."""
-        self._observers.append(observer)
-        for drv in self.drivers.values():
-            observer(DriverRegistered(drv))
-        for name in self.aux_drivers:
-            observer(AuxDriverRegistered(name))
+        existing: list[BusEvent] = [DriverRegistered(d) for d in self.drivers.values()]
+        existing += [AuxDriverRegistered(name) for name in self.aux_drivers]
         for fn in sorted(self.functions.values(), key=lambda f: f.bdf):
-            observer(FunctionAdded(fn))
+            existing.append(FunctionAdded(fn))
             if fn.driver is not None:
-                observer(DriverBound(fn, fn.driver))
+                existing.append(DriverBound(fn, fn.driver))
         for aux in self.aux_devices.values():
-            observer(AuxAdded(aux))
+            existing.append(AuxAdded(aux))
             if aux.driver is not None:
-                observer(AuxBound(aux))
+                existing.append(AuxBound(aux))
+        self._observers.subscribe(observer, existing)
 
     def unsubscribe(self, observer: Observer) -> None:
-        self._observers.remove(observer)
+        self._observers.unsubscribe(observer)
 
     def _emit(self, event: BusEvent) -> None:
-        for observer in list(self._observers):
-            observer(event)
+        self._observers.emit(event)
 
     def function(self, name: str) -> PciFunction:
         fn = self.functions.get(name)
