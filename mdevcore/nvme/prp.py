@@ -23,7 +23,9 @@ class DmaSpace(Protocol):
         """A writable (or readable) view of ``length`` bytes at ``iova``.
 
         Raises OSError(EFAULT) when the range is not inside one mapping or the
-        mapping lacks the requested permission.
+        mapping lacks the requested permission.  A space that logs dirty
+        pages for migration also offers ``mark_dirty(iova, length)``;
+        :func:`translate` calls it for every writable view.
         """
         ...
 
@@ -32,11 +34,23 @@ _PRP_ENTRY = struct.Struct("<Q")
 
 
 def translate(dma: DmaSpace, iova: int, length: int, write: bool) -> memoryview:
-    """``dma.translate`` with failures turned into Data Transfer Error."""
+    """``dma.translate`` with failures turned into Data Transfer Error.
+
+    Every controller access to guest memory comes through here, so this is
+    where a write is recorded for migration: a writable view is logged as
+    dirty (``mark_dirty``, when the DMA space keeps a dirty log) whether or
+    not the space's own translate() already does, since a page missed here
+    would be a page of guest memory the destination never receives.
+    """
     try:
-        return dma.translate(iova, length, write)
+        view = dma.translate(iova, length, write)
     except (OSError, ValueError, OverflowError) as exc:
         raise generic(Generic.DATA_TRANSFER_ERROR, f"DMA {iova:#x}+{length:#x}: {exc}") from exc
+    if write:
+        mark = getattr(dma, "mark_dirty", None)
+        if mark is not None:
+            mark(iova, length)
+    return view
 
 
 def prp_segments(

@@ -79,8 +79,11 @@ class VfConfig:
 
 STATE_MAGIC = b"PDS-NVME-VF/1\n"
 MAX_STATE_BYTES = 4 << 20
-# Migration states in which the controller executes commands.
-_EXECUTING = (MigState.RUNNING, MigState.RUNNING_P2P, MigState.PRE_COPY)
+# Migration states in which the controller executes commands (and so
+# DMAs).  RUNNING_P2P is not one of them: the uAPI lets a device in P2P take
+# MMIO but not start new DMA, so doorbells rung there are only latched and
+# served on the way back to RUNNING (or travel in the state).
+_EXECUTING = (MigState.RUNNING, MigState.PRE_COPY)
 
 
 class PdsNvmeVf(PciDevice):
@@ -142,6 +145,7 @@ class PdsNvmeVf(PciDevice):
                 doorbells=doorbells,
                 irq_vectors=self._usable_vectors,
                 level_irq=self._intx_mode,
+                may_dma=lambda: self.mig_state in _EXECUTING,
                 name=name,
             )
         except BaseException:
@@ -212,8 +216,14 @@ class PdsNvmeVf(PciDevice):
                 self.controller.kick_interrupts()
             self._wake.set()  # doorbells rung while stopped are served now
 
+    def _geometry(self) -> list[object]:
+        """What the guest saw of this VF beyond its registers: it must not change."""
+        vf = self.vf
+        return [vf.size, vf.lba_size, vf.io_queues, vf.queue_entries, self.mode.value]
+
     def save_state(self) -> bytes:
         blob = {
+            "vf": self._geometry(),
             "controller": self.controller.save_state(),
             "config": self.config.read(0, self.config.size).hex(),
             "msix_table": bytes(self._msix_table).hex(),
@@ -233,6 +243,12 @@ class PdsNvmeVf(PciDevice):
             raise OSError(errno.EINVAL, f"pds NVMe VF state unreadable: {exc}") from None
         if len(config) != self.config.size or len(msix_table) != len(self._msix_table):
             raise OSError(errno.EINVAL, "pds NVMe VF state from a different device layout")
+        if blob.get("vf") != self._geometry():
+            # Namespace size, LBA format, queue limits or doorbell mode differ:
+            # the guest's driver would find another device under it.
+            raise OSError(
+                errno.EINVAL, f"pds NVMe VF state for {blob.get('vf')!r}, not {self._geometry()}"
+            )
         # Config space first: the controller checks vectors against MSI-X.
         previous = self.config.read(0, self.config.size)
         self.config.update(0, config)
