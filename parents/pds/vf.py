@@ -227,6 +227,9 @@ class PdsNvmeVf(PciDevice):
             "controller": self.controller.save_state(),
             "config": self.config.read(0, self.config.size).hex(),
             "msix_table": bytes(self._msix_table).hex(),
+            # Whether the client programs the table through the BAR (then its
+            # mask bits count) or emulates it as QEMU does (they do not).
+            "msix_owned": self._msix_table_owned,
         }
         return STATE_MAGIC + json.dumps(blob, separators=(",", ":")).encode()
 
@@ -237,10 +240,13 @@ class PdsNvmeVf(PciDevice):
             blob = json.loads(data[len(STATE_MAGIC) :])
             config = bytes.fromhex(blob["config"])
             msix_table = bytes.fromhex(blob["msix_table"])
+            msix_owned = blob["msix_owned"]
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             # RecursionError: a crafted stream can nest JSON arrays deeper than
             # the decoder's limit; that is bad input, not a device failure.
             raise OSError(errno.EINVAL, f"pds NVMe VF state unreadable: {exc}") from None
+        if not isinstance(msix_owned, bool):
+            raise OSError(errno.EINVAL, "pds NVMe VF state: msix_owned is not a boolean")
         if len(config) != self.config.size or len(msix_table) != len(self._msix_table):
             raise OSError(errno.EINVAL, "pds NVMe VF state from a different device layout")
         if blob.get("vf") != self._geometry():
@@ -258,6 +264,7 @@ class PdsNvmeVf(PciDevice):
             self.config.update(0, previous)
             raise
         self._msix_table[:] = msix_table
+        self._msix_table_owned = msix_owned
         self._restored = True
         log.info("%s: state restored", self.name)
 
