@@ -323,8 +323,9 @@ def test_controller_with_other_limits_refuses_the_state(
     host.enable()
     blob = src.save_state()
     src.close()
-    other = dataclasses.replace(CONFIG, **limits)
-    dst = NvmeController(mem, [ns], [].append, config=other, clock=clock, irq_vectors=lambda: 9)
+    other = dataclasses.replace(CONFIG, **limits)  # type: ignore[arg-type]
+    irqs: list[int] = []
+    dst = NvmeController(mem, [ns], irqs.append, config=other, clock=clock, irq_vectors=lambda: 9)
     with pytest.raises(OSError) as info:
         dst.load_state(blob)
     assert info.value.errno == errno.EINVAL
@@ -339,7 +340,8 @@ def test_controller_latches_doorbells_while_dma_is_forbidden(
     """may_dma False (the VF in RUNNING_P2P/STOP): doorbells and events wait, no byte moves."""
     allowed = [True]
     ns = FileNamespace(tmp_path / "ns.img", NS_SIZE)
-    ctrl = NvmeController(mem, [ns], [].append, config=CONFIG, clock=clock,
+    irqs: list[int] = []
+    ctrl = NvmeController(mem, [ns], irqs.append, config=CONFIG, clock=clock,
                           irq_vectors=lambda: 9, may_dma=lambda: allowed[0])  # fmt: skip
     host = Host(ctrl, mem)
     host.enable()
