@@ -273,9 +273,11 @@ class NvmeWorkload:
     def run_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while True:
+            # Reap, then refill: the queues are full whenever this returns,
+            # as a busy guest's are at any moment a migration may stop it.
+            self._reap()
             if not self.quiesced:
                 self._fill()
-            self._reap()
             left = deadline - time.monotonic()
             if left <= 0:
                 return
