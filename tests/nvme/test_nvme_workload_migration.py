@@ -70,14 +70,14 @@ def memory_digest(mem: VmMemory) -> bytes:
 
 
 def migrate_under_load(
-    workdir: str, src_vf: PdsNvmeVf, src_path: str, dst_path: str
+    src_vf: PdsNvmeVf, src_path: str, dst_path: str, shadow: bool
 ) -> dict[str, Any]:
     """Run, switch to the destination mid-flight, continue there, verify."""
     facts: dict[str, Any] = {}
     with VmMemory(MEM_BYTES) as src_mem, VmMemory(MEM_BYTES) as dst_mem:
         src = connect(src_path, src_mem)
         dst = connect(dst_path, dst_mem)
-        wl = NvmeWorkload(span_bytes=8 << 20, seed=7)
+        wl = NvmeWorkload(span_bytes=8 << 20, seed=7, shadow_doorbells=shadow)
         wl2 = NvmeWorkload()
         try:
             wl.start(src, src_mem)
@@ -113,11 +113,12 @@ def migrate_under_load(
     return facts
 
 
-async def test_workload_migrates_with_commands_in_flight(workdir: str) -> None:
+@pytest.mark.parametrize("shadow", [False, True], ids=["mmio-doorbells", "shadow-doorbells"])
+async def test_workload_migrates_with_commands_in_flight(workdir: str, shadow: bool) -> None:
     configs = [vf_config(workdir), vf_config(workdir, serial="PDSVF0002")]
     async with serve_vfs(workdir, configs) as [(src_vf, src_path), (_dst_vf, dst_path)]:
         facts = await trio.to_thread.run_sync(
-            migrate_under_load, workdir, src_vf, src_path, dst_path
+            migrate_under_load, src_vf, src_path, dst_path, shadow
         )
     assert facts["queues"] == 16
     assert facts["in_flight"] > 0  # completions not reaped, or not even executed
@@ -249,16 +250,23 @@ def dirty_property(path: str) -> int:
         write_ratio=st.floats(0.0, 1.0),
         seconds=st.floats(0.01, 0.08),
         base=st.sampled_from([0, 1 << 30]),
+        shadow=st.booleans(),
     )
     def prop(
-        queues: int, depth: int, seed: int, write_ratio: float, seconds: float, base: int
+        queues: int,
+        depth: int,
+        seed: int,
+        write_ratio: float,
+        seconds: float,
+        base: int,
+        shadow: bool,
     ) -> None:
         nonlocal examples
         examples += 1
         with VmMemory(2 << 20, base=base) as mem:
             dev = connect(path, mem)
             wl = NvmeWorkload(queues=queues, depth=depth, seed=seed, write_ratio=write_ratio,
-                              span_bytes=2 << 20)  # fmt: skip
+                              span_bytes=2 << 20, shadow_doorbells=shadow)  # fmt: skip
             try:
                 dev.reset()
                 wl.start(dev, mem)

@@ -45,6 +45,7 @@ from mdevcore.migration.workloads import nvme_journal
 from mdevcore.migration.workloads.nvme_driver import (
     ADMIN_CREATE_CQ,
     ADMIN_CREATE_SQ,
+    ADMIN_DOORBELL_BUFFER_CONFIG,
     ADMIN_IDENTIFY,
     ADMIN_SET_FEATURES,
     CSTS_CFS,
@@ -52,12 +53,14 @@ from mdevcore.migration.workloads.nvme_driver import (
     FEATURE_NUMBER_OF_QUEUES,
     IO_READ,
     IO_WRITE,
+    OACS_DOORBELL_BUFFER_CONFIG,
     REG_CSTS,
     SQE_SIZE,
     Cqe,
     DeviceError,
     HostQueue,
     Registers,
+    need_event,
     sqe,
 )
 from mdevcore.pci import caps
@@ -113,6 +116,7 @@ class NvmeWorkload:
         seed: int = 1,
         span_bytes: int = 16 << 20,
         write_ratio: float = 0.6,
+        shadow_doorbells: bool = False,
     ) -> None:
         if not 1 <= depth < queue_size or queue_size * SQE_SIZE > PAGE_SIZE:
             raise ValueError("depth must be below queue_size, and an SQ fits one page")
@@ -122,6 +126,11 @@ class NvmeWorkload:
         self.seed = seed
         self.span_bytes = span_bytes
         self.write_ratio = write_ratio
+        # Doorbell Buffer Config, as Linux uses it on emulated controllers:
+        # I/O doorbells go to a shadow page, MMIO only past the EventIdx.
+        self.shadow = shadow_doorbells
+        self.shadow_page = 0
+        self.eventidx_page = 0
         self.rng = random.Random(seed)
         self.generation = 0
         self.quiesced = False
@@ -183,6 +192,9 @@ class NvmeWorkload:
         ident = mem.alloc(PAGE_SIZE)
         self._admin(ADMIN_IDENTIFY, prp1=ident, cdw10=1)  # controller
         mdts = mem.read(ident + 77, 1)[0]
+        oacs = int.from_bytes(mem.read(ident + 256, 2), "little")
+        if self.shadow and not oacs & OACS_DOORBELL_BUFFER_CONFIG:
+            raise DeviceError("shadow doorbells wanted, the controller does not offer them")
         if mdts and (PAGE_SIZE << mdts) < CHUNK_LBAS * 4096:
             raise DeviceError(f"MDTS {mdts} too small for {CHUNK_LBAS}-LBA transfers")
         self._admin(ADMIN_IDENTIFY, nsid=1, prp1=ident, cdw10=0)  # namespace 1
@@ -209,6 +221,10 @@ class NvmeWorkload:
             self._admin(ADMIN_CREATE_SQ, prp1=q.sq_addr,
                         cdw10=(q.size - 1) << 16 | qid, cdw11=qid << 16 | 0x1)  # fmt: skip
             self.ioqs.append(q)
+        if self.shadow:
+            self.shadow_page, self.eventidx_page = mem.alloc(PAGE_SIZE), mem.alloc(PAGE_SIZE)
+            self._admin(ADMIN_DOORBELL_BUFFER_CONFIG, prp1=self.shadow_page,
+                        prp2=self.eventidx_page)  # fmt: skip
         slots = count * self.depth
         self.slot_base = mem.alloc(slots * SLOT_PAGES * PAGE_SIZE)
         self.prp_base = mem.alloc(slots * PAGE_SIZE)
@@ -307,6 +323,25 @@ class NvmeWorkload:
                 self.busy.clear()
                 break
             self._wait(0.002)
+        if self.shadow:
+            # Shadow CQ heads written after the controller's last look are not
+            # yet acted on; an MMIO write (the admin SQ tail, unchanged) makes
+            # it read them now, so its EventIdx updates happen before we return.
+            assert self.admin is not None
+            self.regs.write32(self.regs.doorbell(0, False), self.admin.sq_tail)
+
+    def _ring(self, q: HostQueue, is_cq: bool, new: int, old: int) -> None:
+        """Tell the controller an I/O queue moved: MMIO, or the shadow page and MMIO if asked."""
+        if not self.shadow:
+            self.regs.ring(q.qid, is_cq, new)
+            return
+        index = 4 * (2 * q.qid + int(is_cq))
+        self.mem.write(self.shadow_page + index, new.to_bytes(4, "little"))
+        # The controller reads the shadow value after publishing EventIdx
+        # (its fence); reading EventIdx only after our store closes the race.
+        event_idx = int.from_bytes(self.mem.read(self.eventidx_page + index, 4), "little")
+        if need_event(event_idx, new, old):
+            self.regs.ring(q.qid, is_cq, new)
 
     def _fill(self) -> None:
         for q in self.ioqs:
@@ -315,7 +350,7 @@ class NvmeWorkload:
                 if (q.qid, cid) not in self.inflight and not self._issue_random(q, cid):
                     break
             if q.sq_tail != before:
-                self.regs.ring(q.qid, False, q.sq_tail)
+                self._ring(q, False, q.sq_tail, before)
 
     def _issue_random(self, q: HostQueue, cid: int) -> bool:
         rng = self.rng
@@ -384,6 +419,7 @@ class NvmeWorkload:
     def _reap(self) -> None:
         for q in self.ioqs:
             moved = False
+            before = q.cq_head
             while True:
                 addr = q.next_cqe_addr()
                 cqe = q.pop(self.mem)
@@ -393,7 +429,11 @@ class NvmeWorkload:
                 self.device_pages.add(addr // PAGE_SIZE)
                 self._complete(q, cqe)
             if moved:
-                self.regs.ring(q.qid, True, q.cq_head)
+                self._ring(q, True, q.cq_head, before)
+                if self.shadow:
+                    # The controller publishes EventIdx whenever it goes idle,
+                    # which it did after posting these.
+                    self.device_pages.add(self.eventidx_page // PAGE_SIZE)
 
     def _complete(self, q: HostQueue, cqe: Cqe) -> None:
         self.counters["completions"] += 1
@@ -464,7 +504,7 @@ class NvmeWorkload:
                         slba = self.first_lba + pending.pop() * CHUNK_LBAS
                         self._issue(q, cid, Op(False, slba, CHUNK_LBAS, 0, 0))
                     if q.sq_tail != before:
-                        self.regs.ring(q.qid, False, q.sq_tail)
+                        self._ring(q, False, q.sq_tail, before)
                 self._wait(0.002)
                 self._reap()
                 if not pending:
@@ -499,6 +539,7 @@ class NvmeWorkload:
             "chunks": self.chunks,
             "slot_base": self.slot_base,
             "prp_base": self.prp_base,
+            "shadow": [self.shadow_page, self.eventidx_page] if self.shadow else None,
             "admin": self.admin.to_list() + [self.admin_cid],
             "queues": [q.to_list() for q in self.ioqs],
             "inflight": [[qid, cid, *op.to_list()] for (qid, cid), op in self.inflight.items()],
@@ -558,6 +599,13 @@ class NvmeWorkload:
                     and 0 <= offset < PAGE_SIZE):  # fmt: skip
                 raise ValueError(f"in-flight command {raw!r} out of range")
             inflight[(qid, cid)] = op
+        shadow = head["shadow"]
+        if shadow is not None:
+            if not isinstance(shadow, list) or len(shadow) != 2:
+                raise ValueError("shadow doorbell pages")
+            for addr in shadow:
+                if type(addr) is not int or addr % PAGE_SIZE or not mem.base <= addr < mem.end:
+                    raise ValueError("shadow doorbell page outside guest memory")
         counters = head["counters"]
         if set(counters) != set(self.counters) or not all(
             type(v) is int for v in counters.values()
@@ -568,6 +616,8 @@ class NvmeWorkload:
             setattr(self, key, head[key])
         self.admin, self.admin_cid = admin, int(head["admin"][8]) & 0xFFFF
         self.ioqs = queues
+        self.shadow = shadow is not None
+        self.shadow_page, self.eventidx_page = shadow or (0, 0)
         self.journal = journal
         self.inflight = inflight
         self.busy = {(op.slba - self.first_lba) // CHUNK_LBAS for op in inflight.values()}

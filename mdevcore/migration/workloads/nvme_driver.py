@@ -25,6 +25,8 @@ CC_IOCQES_16 = 4 << 20
 CSTS_RDY, CSTS_CFS = 1, 2
 
 ADMIN_CREATE_SQ, ADMIN_CREATE_CQ, ADMIN_IDENTIFY, ADMIN_SET_FEATURES = 0x01, 0x05, 0x06, 0x09
+ADMIN_DOORBELL_BUFFER_CONFIG = 0x7C
+OACS_DOORBELL_BUFFER_CONFIG = 1 << 8
 IO_WRITE, IO_READ = 0x01, 0x02
 FEATURE_NUMBER_OF_QUEUES = 0x07
 SQE_SIZE, CQE_SIZE = 64, 16
@@ -161,3 +163,12 @@ class Registers:
         self.write64(REG_ACQ, admin.cq_addr)
         self.write32(REG_CC, CC_EN | CC_IOSQES_64 | CC_IOCQES_16)  # MPS 0: 4 KiB pages
         self.wait_ready(True)
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Shadow doorbells: did the move old -> new pass the controller's EventIdx?
+
+    16-bit wrap-around arithmetic, as the NVMe 1.3 Doorbell Buffer Config
+    convention (and Linux's nvme_dbbuf_need_event) has it.
+    """
+    return (new - event_idx - 1) & 0xFFFF < (new - old) & 0xFFFF
