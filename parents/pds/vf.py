@@ -91,7 +91,12 @@ class PdsNvmeVf(PciDevice):
 
     The migration stream is the controller state (mdevcore.nvme.state) plus
     config space and the MSI-X table; namespace data stays in the backing
-    file, which both ends share.
+    file, which both ends share.  Commands execute only in RUNNING (and
+    PRE_COPY): in RUNNING_P2P and the stopped states BAR0 writes are still
+    taken and doorbells latched, but nothing touches guest memory until the
+    device runs again, here or (through the state) on the destination.
+    Every write into guest memory goes through mdevcore.nvme.prp.translate,
+    which logs its pages as dirty.
     """
 
     migration_flags = MIGRATION_STOP_COPY | MIGRATION_P2P
