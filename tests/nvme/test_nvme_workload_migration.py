@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import shutil
+import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,9 @@ from mig_by_hand import (
     write_stream,
 )
 
+from mdevcore.migration.guest_memory import PAGE_SIZE
 from mdevcore.migration.guest_memory import GuestMemory as VmMemory
-from mdevcore.migration.workloads.nvme import NvmeWorkload, WorkloadMismatch
+from mdevcore.migration.workloads.nvme import SAVE_MAGIC, NvmeWorkload, WorkloadMismatch
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.client import VfioUserError
 from parents.pds.vf import PdsNvmeVf, VfConfig
@@ -131,6 +134,16 @@ async def test_workload_migrates_with_commands_in_flight(workdir: str, shadow: b
     assert stats["writes"] > 100 and stats["verified_bytes"] > 1 << 20
 
 
+def edit_state(blob: bytes, change: Callable[[dict[str, Any]], object]) -> bytes:
+    """The workload's saved state with its JSON header changed by ``change``."""
+    start = len(SAVE_MAGIC) + 4
+    (length,) = struct.unpack_from("<I", blob, len(SAVE_MAGIC))
+    head = json.loads(blob[start : start + length])
+    change(head)
+    raw = json.dumps(head).encode()
+    return SAVE_MAGIC + struct.pack("<I", len(raw)) + raw + blob[start + length :]
+
+
 def roll_back(src_vf: PdsNvmeVf, path: str) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     with VmMemory(MEM_BYTES) as mem:
@@ -160,6 +173,25 @@ def roll_back(src_vf: PdsNvmeVf, path: str) -> dict[str, Any]:
             with pytest.raises(WorkloadMismatch) as info:
                 wl.verify()
             facts["caught"] = f"LBA {lba}:" in str(info.value)
+            # The driver state from a stream is checked before anything is used.
+            blob = wl.save()
+            refused = []
+            for bad in (
+                blob[:-4],  # truncated journal
+                b"junk",
+                blob[:20] + b"[" * 50_000,
+                edit_state(blob, lambda h: h.update(depth=99)),
+                edit_state(blob, lambda h: h["inflight"].append([1, 0, 1, 0, 1, 1, 1.5])),
+                edit_state(blob, lambda h: h["queues"][0].__setitem__(1, mem.end)),
+                edit_state(blob, lambda h: h.update(slot_base=mem.end - PAGE_SIZE)),
+            ):
+                with pytest.raises(ValueError):
+                    NvmeWorkload().restore(bad, dev, mem)
+                refused.append(bad[:8])
+            same = NvmeWorkload()
+            same.restore(edit_state(blob, lambda h: None), dev, mem)  # the edit alone is fine
+            same.close()
+            facts["refused"] = len(refused)
         finally:
             wl.close()
             dev.close()
@@ -172,6 +204,7 @@ async def test_rolled_back_migration_resumes_on_the_source(workdir: str) -> None
     assert facts["latched"] > 0 and facts["stream"] > 0
     assert facts["back"] == MigState.RUNNING
     assert facts["caught"] is True
+    assert facts["refused"] == 7
     assert facts["pending_after"] == 0
     stats = facts["stats"]
     assert isinstance(stats, dict)
@@ -239,7 +272,7 @@ def dirty_property(path: str) -> int:
     examples = 0
 
     @settings(
-        max_examples=10,
+        max_examples=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
@@ -297,4 +330,4 @@ def dirty_property(path: str) -> int:
 async def test_dirty_report_is_exactly_what_the_device_wrote(workdir: str) -> None:
     async with serve_vfs(workdir, [vf_config(workdir, size=4 << 20)]) as [(_vf, path)]:
         examples = await trio.to_thread.run_sync(dirty_property, path)
-    assert examples >= 10
+    assert examples >= 25

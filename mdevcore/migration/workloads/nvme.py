@@ -38,6 +38,7 @@ import random
 import select
 import struct
 import time
+import zlib
 from typing import Any
 
 from mdevcore.migration.guest_memory import PAGE_SIZE, GuestMemory
@@ -553,7 +554,8 @@ class NvmeWorkload:
     def restore(self, data: bytes, dev: Client, mem: GuestMemory) -> None:
         try:
             self._restore(data, mem)
-        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error,
+                zlib.error) as exc:  # fmt: skip
             raise ValueError(f"nvme workload state unusable: {exc}") from None
         self._dev, self._mem = dev, mem
         self._regs = Registers(dev)
@@ -591,6 +593,8 @@ class NvmeWorkload:
         journal = nvme_journal.Journal.from_bytes(head["first_lba"], span, data[start + length :])
         inflight: dict[tuple[int, int], Op] = {}
         for raw in head["inflight"]:
+            if not isinstance(raw, list) or not all(type(v) is int for v in raw):
+                raise ValueError(f"in-flight command {raw!r}")
             qid, cid, write, slba, nlb, generation, offset = raw
             op = Op(bool(write), slba, nlb, generation, offset)
             if not (1 <= qid <= len(queues) and 0 <= cid < head["depth"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import hashlib
 import struct
+import sys
 import zlib
 
 _UNIT_HEAD = struct.Struct("<QII")  # lba, generation, seed (low 32 bits)
@@ -55,7 +56,12 @@ class Journal:
         return self.count - self.generations.count(0)
 
     def to_bytes(self) -> bytes:
-        return zlib.compress(self.generations.tobytes(), 1)
+        """Little-endian u32 generations, compressed (sparse journals shrink to little)."""
+        generations = self.generations
+        if sys.byteorder == "big":
+            generations = array.array("I", generations)
+            generations.byteswap()
+        return zlib.compress(generations.tobytes(), 1)
 
     @classmethod
     def from_bytes(cls, first: int, count: int, data: bytes) -> Journal:
@@ -66,4 +72,6 @@ class Journal:
         if len(raw) != 4 * count or inflater.unconsumed_tail or not inflater.eof:
             raise ValueError("journal does not match its LBA range")
         journal.generations = array.array("I", raw)
+        if sys.byteorder == "big":
+            journal.generations.byteswap()
         return journal
