@@ -336,7 +336,7 @@ class NvmeWorkload:
         if not self.shadow:
             self.regs.ring(q.qid, is_cq, new)
             return
-        index = 4 * (2 * q.qid + int(is_cq))
+        index = self.regs.stride * (2 * q.qid + int(is_cq))  # the doorbell layout, CAP.DSTRD
         self.mem.write(self.shadow_page + index, new.to_bytes(4, "little"))
         # The controller reads the shadow value after publishing EventIdx
         # (its fence); reading EventIdx only after our store closes the race.
