@@ -39,7 +39,7 @@ from mdevcore.migration.guest_memory import GuestMemory as VmMemory
 from mdevcore.migration.workloads.nvme import SAVE_MAGIC, NvmeWorkload, WorkloadMismatch
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.client import VfioUserError
-from parents.pds.vf import PdsNvmeVf, VfConfig
+from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
 
 NS_BYTES = 16 << 20
 MEM_BYTES = 16 << 20
@@ -85,6 +85,7 @@ def migrate_under_load(
         try:
             wl.start(src, src_mem)
             facts["queues"] = len(wl.ioqs)
+            facts["mapped"] = wl.regs.doorbells_mapped
             wl.run_for(0.4)
             # The VMM stops the device's DMA first (P2P), vCPUs keep running
             # briefly: what they ring now is latched by the device, not run.
@@ -116,14 +117,18 @@ def migrate_under_load(
     return facts
 
 
-@pytest.mark.parametrize("shadow", [False, True], ids=["mmio-doorbells", "shadow-doorbells"])
-async def test_workload_migrates_with_commands_in_flight(workdir: str, shadow: bool) -> None:
-    configs = [vf_config(workdir), vf_config(workdir, serial="PDSVF0002")]
+@pytest.mark.parametrize("shadow", [False, True], ids=["mmio", "shadow"])
+@pytest.mark.parametrize("mode", [DoorbellMode.TRAPPED, DoorbellMode.MMAP], ids=lambda m: m.value)
+async def test_workload_migrates_with_commands_in_flight(
+    workdir: str, shadow: bool, mode: DoorbellMode
+) -> None:
+    configs = [vf_config(workdir, doorbells=mode), vf_config(workdir, doorbells=mode)]
     async with serve_vfs(workdir, configs) as [(src_vf, src_path), (_dst_vf, dst_path)]:
         facts = await trio.to_thread.run_sync(
             migrate_under_load, src_vf, src_path, dst_path, shadow
         )
     assert facts["queues"] == 16
+    assert facts["mapped"] is (mode is DoorbellMode.MMAP)
     assert facts["in_flight"] > 0  # completions not reaped, or not even executed
     assert facts["latched"] > 0  # rung in RUNNING_P2P: executed only by the destination
     assert facts["source_quiet"] is True
@@ -268,7 +273,7 @@ async def test_destination_refuses_an_incompatible_state(workdir: str) -> None:
         assert results[name + " after reset"] == MigState.RUNNING, name
 
 
-def dirty_property(path: str) -> int:
+def dirty_property(paths: list[str]) -> int:
     examples = 0
 
     @settings(
@@ -284,6 +289,7 @@ def dirty_property(path: str) -> int:
         seconds=st.floats(0.01, 0.08),
         base=st.sampled_from([0, 1 << 30]),
         shadow=st.booleans(),
+        vf=st.sampled_from([0, 1]),  # trapped or mmapped doorbells
     )
     def prop(
         queues: int,
@@ -293,11 +299,12 @@ def dirty_property(path: str) -> int:
         seconds: float,
         base: int,
         shadow: bool,
+        vf: int,
     ) -> None:
         nonlocal examples
         examples += 1
         with VmMemory(2 << 20, base=base) as mem:
-            dev = connect(path, mem)
+            dev = connect(paths[vf], mem)
             wl = NvmeWorkload(queues=queues, depth=depth, seed=seed, write_ratio=write_ratio,
                               span_bytes=2 << 20, shadow_doorbells=shadow)  # fmt: skip
             try:
@@ -328,6 +335,10 @@ def dirty_property(path: str) -> int:
 
 
 async def test_dirty_report_is_exactly_what_the_device_wrote(workdir: str) -> None:
-    async with serve_vfs(workdir, [vf_config(workdir, size=4 << 20)]) as [(_vf, path)]:
-        examples = await trio.to_thread.run_sync(dirty_property, path)
+    configs = [
+        vf_config(workdir, size=4 << 20),
+        vf_config(workdir, size=4 << 20, doorbells=DoorbellMode.MMAP),
+    ]
+    async with serve_vfs(workdir, configs) as served:
+        examples = await trio.to_thread.run_sync(dirty_property, [path for _, path in served])
     assert examples >= 25

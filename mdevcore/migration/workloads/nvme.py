@@ -118,6 +118,7 @@ class NvmeWorkload:
         span_bytes: int = 16 << 20,
         write_ratio: float = 0.6,
         shadow_doorbells: bool = False,
+        mmap_doorbells: bool = True,
     ) -> None:
         if not 1 <= depth < queue_size or queue_size * SQE_SIZE > PAGE_SIZE:
             raise ValueError("depth must be below queue_size, and an SQ fits one page")
@@ -130,6 +131,7 @@ class NvmeWorkload:
         # Doorbell Buffer Config, as Linux uses it on emulated controllers:
         # I/O doorbells go to a shadow page, MMIO only past the EventIdx.
         self.shadow = shadow_doorbells
+        self.mmap_doorbells = mmap_doorbells  # when the device offers them
         self.shadow_page = 0
         self.eventidx_page = 0
         self.rng = random.Random(seed)
@@ -178,7 +180,7 @@ class NvmeWorkload:
 
     def start(self, dev: Client, mem: GuestMemory) -> None:
         self._dev, self._mem = dev, mem
-        self._regs = regs = Registers(dev)
+        self._regs = regs = Registers(dev, mmap_doorbells=self.mmap_doorbells)
         if self.queue_size > regs.mqes:
             raise DeviceError(f"queue size {self.queue_size} beyond CAP.MQES+1 {regs.mqes}")
         first = mem.alloc(PAGE_SIZE)
@@ -558,7 +560,9 @@ class NvmeWorkload:
                 zlib.error) as exc:  # fmt: skip
             raise ValueError(f"nvme workload state unusable: {exc}") from None
         self._dev, self._mem = dev, mem
-        self._regs = Registers(dev)
+        if self._regs is not None:
+            self._regs.close()  # restored onto the instance that ran on the source
+        self._regs = Registers(dev, mmap_doorbells=self.mmap_doorbells)
         csts = self.regs.read32(REG_CSTS)
         if csts & CSTS_CFS or not csts & CSTS_RDY:
             raise DeviceError(f"destination controller not running (CSTS {csts:#x})")
@@ -633,6 +637,8 @@ class NvmeWorkload:
         for fd in self.efds:
             os.close(fd)
         self.efds = []
+        if self._regs is not None:
+            self._regs.close()
 
 
 def _rng_state(rng: random.Random) -> list[Any]:
