@@ -323,9 +323,9 @@ def report_benchmark(workdir: str) -> None:
             bitmap = log.report(0, BIG_MEM)
             reported = time.perf_counter() - t
             assert sum(bin(b).count("1") for b in bitmap) == dirty_count
-            each = f"{marked / dirty_count * 1e6:.2f} us each" if dirty_count else "-"
+            per_mark = f"{marked / dirty_count * 1e6:.2f} us each" if dirty_count else "-"
             print(f"  {kind.__name__:>14} alone, {dirty_count:>7} dirty pages: report "
-                  f"{reported * 1e3:8.2f} ms  (marking them one by one: {each})")  # fmt: skip
+                  f"{reported * 1e3:8.2f} ms  (marking them one by one: {per_mark})")  # fmt: skip
     # mark() walks every logged range: a VMM logging many ranges pays per write.
     for count in (1, 100, 1000):
         ranges = [(i << 22, 1 << 22) for i in range(count)]
