@@ -190,7 +190,7 @@ class NvmeWorkload:
             first = mem.alloc(PAGE_SIZE)
         admin = HostQueue(0, first, mem.alloc(PAGE_SIZE), ADMIN_SIZE, vector=0)
         self.admin = admin
-        self._enable_msix(self.want_queues + 1)
+        vectors = self._enable_msix(self.want_queues + 1)
         regs.enable(admin)
         ident = mem.alloc(PAGE_SIZE)
         self._admin(ADMIN_IDENTIFY, prp1=ident, cdw10=1)  # controller
@@ -215,7 +215,10 @@ class NvmeWorkload:
         want = self.want_queues - 1
         dw0 = self._admin(ADMIN_SET_FEATURES, cdw10=FEATURE_NUMBER_OF_QUEUES,
                           cdw11=want << 16 | want)  # fmt: skip
-        count = min(self.want_queues, (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1)
+        # One vector per I/O queue (vector 0 is the admin queue's).
+        count = min(self.want_queues, (dw0 & 0xFFFF) + 1, (dw0 >> 16) + 1, vectors - 1)
+        if count < 1:
+            raise DeviceError("no MSI-X vector left for an I/O queue")
         for qid in range(1, count + 1):
             q = HostQueue(qid, mem.alloc(PAGE_SIZE), mem.alloc(PAGE_SIZE), self.queue_size, qid)
             # CQ first: physically contiguous (PC), interrupts enabled, vector qid.
@@ -232,8 +235,8 @@ class NvmeWorkload:
         self.slot_base = mem.alloc(slots * SLOT_PAGES * PAGE_SIZE)
         self.prp_base = mem.alloc(slots * PAGE_SIZE)
 
-    def _enable_msix(self, vectors: int) -> None:
-        """MSI-X on in config space, one eventfd per vector, as a VMM's irqfds."""
+    def _enable_msix(self, wanted: int) -> int:
+        """MSI-X on in config space, one eventfd per vector (a VMM's irqfds); returns the count."""
         dev = self.dev
         ptr = dev.region_read(PCI_CONFIG_REGION_INDEX, 0x34, 1)[0]
         while ptr:
@@ -246,12 +249,12 @@ class NvmeWorkload:
         flags_at = ptr + caps.MSIX_FLAGS
         table_size = (int.from_bytes(dev.region_read(PCI_CONFIG_REGION_INDEX, flags_at, 2),
                                      "little") & 0x7FF) + 1  # fmt: skip
-        if table_size < vectors:
-            raise DeviceError(f"{table_size} MSI-X vectors, {vectors} needed")
+        vectors = min(wanted, table_size)
         flags = int.from_bytes(dev.region_read(PCI_CONFIG_REGION_INDEX, flags_at, 2), "little")
         dev.region_write(PCI_CONFIG_REGION_INDEX, flags_at,
                          (flags | caps.MSIX_FLAGS_ENABLE).to_bytes(2, "little"))  # fmt: skip
         self._wire_eventfds(vectors)
+        return vectors
 
     def _wire_eventfds(self, vectors: int) -> None:
         for fd in self.efds:
