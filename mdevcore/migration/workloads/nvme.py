@@ -12,6 +12,10 @@ PRP list and data buffer in a GuestMemory:
   Reads of 1..32 LBAs inside one 32-LBA chunk, data buffers at random
   dword offsets so that PRP1 alone, PRP1+PRP2 and PRP lists all occur;
   completions found by eventfd wake-ups and the CQ phase bits;
+* doorbells: MMIO (REGION_WRITE, posted) or, when the device offers a
+  sparse mmap area over them, stores into the mapped page as QEMU makes
+  them; optionally shadow doorbells (Doorbell Buffer Config) with the
+  EventIdx rule, as Linux uses them on emulated controllers;
 * checking: a chunk with a command in flight takes no other, so every Read
   has one right answer, the journal's (mdevcore.migration.workloads.
   nvme_journal); ``verify`` drains and reads every written LBA back.
@@ -309,7 +313,9 @@ class NvmeWorkload:
         """Submit nothing more; what the device holds stays (a paused vCPU reaps nothing)."""
         self.quiesced = True
         self.counters["in_flight_at_quiesce"] = len(self.inflight)
-        # A round trip: every posted doorbell write has reached the device.
+        # A round trip: every posted (trapped) doorbell write has reached the
+        # device.  Mapped doorbells are plain stores, seen when it next looks;
+        # a migration captures them with the state at STOP_COPY.
         self.regs.read32(REG_CSTS)
 
     def resume(self) -> None:
