@@ -55,9 +55,19 @@ class ShadowDoorbells:
             view.release()
 
     def publish(self, dma: DmaSpace, index: int, value: int) -> None:
-        view = translate(dma, self.eventidx + 4 * index, 4, True)
+        addr = self.eventidx + 4 * index
+        new = _U32.pack(value & 0xFFFFFFFF)
+        # Only the host reads this page: an unchanged value is not written,
+        # so an idle controller leaves no dirty page for migration to resend.
+        view = translate(dma, addr, 4, False)
         try:
-            view[:] = _U32.pack(value & 0xFFFFFFFF)
+            if bytes(view) == new:
+                return
+        finally:
+            view.release()
+        view = translate(dma, addr, 4, True)
+        try:
+            view[:] = new
         finally:
             view.release()
 

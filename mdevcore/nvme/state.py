@@ -1,7 +1,8 @@
 """Controller state as plain data, for live migration.
 
 ``snapshot`` captures everything a stopped controller needs to continue
-elsewhere: registers, queues with their heads/tails/phases, the doorbells
+elsewhere: the limits the host was shown (the destination refuses to differ),
+registers, queues with their heads/tails/phases, the doorbells
 it has not acted on yet, features, held AERs and queued events, the error
 log and SMART counters.  Namespace *data* is not included: the backing file
 is shared storage, as with pds VFs.
@@ -28,7 +29,7 @@ from mdevcore.nvme.spec import CSTS_RDY, AsyncEventType
 if TYPE_CHECKING:
     from mdevcore.nvme.controller import NvmeController
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: limits
 _U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 
 
@@ -36,6 +37,7 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
     used = [2 * q for q in ctrl.sqs] + [2 * q + 1 for q in ctrl.cqs]
     return {
         "version": STATE_VERSION,
+        "limits": _limits(ctrl),
         "namespaces": [[ns.nlbas, ns.lba_size, ns.write_cache] for ns in ctrl.namespaces],
         "regs": [ctrl.cc, ctrl.csts, ctrl.aqa, ctrl.asq, ctrl.acq, ctrl.page_size],
         "irq": {
@@ -88,6 +90,12 @@ def snapshot(ctrl: NvmeController) -> dict[str, Any]:
     }
 
 
+def _limits(ctrl: NvmeController) -> list[int]:
+    """The controller limits a host has read (CAP, Identify): both ends must agree."""
+    cfg = ctrl.config
+    return [cfg.max_io_queues, cfg.max_queue_entries, cfg.mdts, cfg.aerl, cfg.acl]
+
+
 class _Bad(ValueError):
     pass
 
@@ -122,6 +130,8 @@ def _restore(ctrl: NvmeController, state: dict[str, Any]) -> None:
     cfg = ctrl.config
     if state.get("version") != STATE_VERSION:
         raise _Bad(f"version {state.get('version')!r}")
+    if state.get("limits") != _limits(ctrl):
+        raise _Bad(f"controller limits {state.get('limits')!r} != {_limits(ctrl)}")
     namespaces = _list(state["namespaces"], len(ctrl.namespaces), "namespaces")
     caches = []
     for ns, saved in zip(ctrl.namespaces, namespaces, strict=True):
