@@ -23,7 +23,6 @@ over the socket, and DirtyLog.report alone, clean and with dirty pages.
 from __future__ import annotations
 
 import argparse
-import bisect
 import os
 import signal
 import statistics
@@ -220,57 +219,6 @@ def downtime_benchmark(workdir: str, migrations: int) -> None:
 # --- DMA_LOGGING_REPORT over 4 GiB ---------------------------------------------------------
 
 
-class BitmapDirtyLog:
-    """A sketch of the fix for mdevcore.pci.dma.DirtyLog (measured, not used by devices).
-
-    One bitmap per logged range, one bit per page, kept in the layout REPORT
-    returns (bit i of the little-endian u64 words is page i).  mark() finds
-    its range by bisection and sets bits (whole bytes by slice assignment);
-    report() of a byte-aligned range is a slice copy and a slice clear:
-    memcpy speed whatever the number of dirty pages.
-    """
-
-    def __init__(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
-        self.page_size = page_size
-        self.ranges = sorted(ranges)
-        self.starts = [start for start, _ in self.ranges]
-        self.bitmaps = [bytearray((size // page_size + 7) // 8) for _, size in self.ranges]
-
-    def mark(self, iova: int, length: int) -> None:
-        end = iova + length
-        i = max(0, bisect.bisect_right(self.starts, iova) - 1)
-        while i < len(self.ranges) and self.ranges[i][0] < end:
-            start, size = self.ranges[i]
-            lo, hi = max(start, iova), min(start + size, end)
-            if lo < hi:
-                self._set(self.bitmaps[i], (lo - start) // self.page_size,
-                          (hi - 1 - start) // self.page_size + 1)  # fmt: skip
-            i += 1
-
-    @staticmethod
-    def _set(bits: bytearray, first: int, last: int) -> None:
-        while first < last and first % 8:
-            bits[first // 8] |= 1 << (first % 8)
-            first += 1
-        whole = (last - first) // 8
-        if whole:
-            bits[first // 8 : first // 8 + whole] = b"\xff" * whole
-            first += 8 * whole
-        while first < last:
-            bits[first // 8] |= 1 << (first % 8)
-            first += 1
-
-    def report(self, iova: int, length: int) -> bytes:
-        i = bisect.bisect_right(self.starts, iova) - 1
-        start, _ = self.ranges[i]
-        first, count = (iova - start) // self.page_size, length // self.page_size
-        assert first % 8 == 0 and count % 8 == 0  # the general case shifts an int
-        bits = self.bitmaps[i]
-        out = bytes(bits[first // 8 : (first + count) // 8])
-        bits[first // 8 : (first + count) // 8] = bytes(count // 8)
-        return out.ljust((count + 63) // 64 * 8, b"\0")
-
-
 def report_benchmark(workdir: str) -> None:
     sock = os.path.join(workdir, "big.sock")
     server = start_server(sock, os.path.join(workdir, "big.img"), 64 << 20)
@@ -308,10 +256,9 @@ def report_benchmark(workdir: str) -> None:
     finally:
         server.terminate()
         server.wait()
-    # The device's bitmap work alone, no socket: DirtyLog as the device holds
-    # it, and the bitmap sketch above, on the same marks.
+    # The device's bitmap work alone, no socket: DirtyLog as the device holds it.
     npages = BIG_MEM // PAGE_SIZE
-    for kind in (DirtyLog, BitmapDirtyLog):
+    for kind in (DirtyLog,):
         for dirty_count in (0, 10_000, 100_000, npages // 4, npages):
             log = kind(PAGE_SIZE, [(0, BIG_MEM)])
             step = max(1, npages // max(dirty_count, 1))
@@ -326,10 +273,10 @@ def report_benchmark(workdir: str) -> None:
             per_mark = f"{marked / dirty_count * 1e6:.2f} us each" if dirty_count else "-"
             print(f"  {kind.__name__:>14} alone, {dirty_count:>7} dirty pages: report "
                   f"{reported * 1e3:8.2f} ms  (marking them one by one: {per_mark})")  # fmt: skip
-    # mark() walks every logged range: a VMM logging many ranges pays per write.
+    # mark() finds its range by bisection: many logged ranges cost little per write.
     for count in (1, 100, 1000):
         ranges = [(i << 22, 1 << 22) for i in range(count)]
-        for kind in (DirtyLog, BitmapDirtyLog):
+        for kind in (DirtyLog,):
             log = kind(PAGE_SIZE, ranges)
             t = time.perf_counter()
             for i in range(2000):

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
+from mdevcore.nvme.checks import U64, int_in, list_of
 from mdevcore.nvme.prp import DmaSpace, translate
 from mdevcore.nvme.queues import CompletionQueue, SubmissionQueue
 
@@ -46,6 +48,14 @@ class ShadowDoorbells:
     def __init__(self, doorbells: int, eventidx: int) -> None:
         self.doorbells = doorbells  # guest address of the shadow doorbell page
         self.eventidx = eventidx  # guest address of the EventIdx page
+
+    def snapshot(self) -> list[int]:
+        return [self.doorbells, self.eventidx]
+
+    @classmethod
+    def from_snapshot(cls, raw: Any) -> ShadowDoorbells:
+        dbs, eventidx = list_of(raw, 2, "shadow")
+        return cls(int_in(dbs, 1, U64, "shadow"), int_in(eventidx, 1, U64, "eventidx"))
 
     def read(self, dma: DmaSpace, index: int) -> int:
         view = translate(dma, self.doorbells + 4 * index, 4, False)

@@ -134,6 +134,7 @@ class DirtyLog:
             bitmap = _RangeBitmap(first, last - first + 1) if small else None
             self._logged.append((start, size, bitmap))
         self._maps = [b for _, _, b in self._logged if b is not None]
+        self._starts = [start for start, _, _ in self._logged]
 
     def mark(self, iova: int, length: int) -> None:
         """Record a device write, only where the client asked for logging."""
@@ -144,7 +145,12 @@ class DirtyLog:
             self.pages.update(range(iova // ps, (iova + length - 1) // ps + 1))
             return
         end = iova + length
-        for start, size, bitmap in self._logged:
+        # Ranges are sorted and disjoint: start at the last one beginning at
+        # or before iova (a client may log thousands of ranges).
+        first = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        for start, size, bitmap in self._logged[first:]:
+            if start >= end:
+                break
             lo, hi = max(start, iova), min(start + size, end)
             if lo >= hi:
                 continue
@@ -153,6 +159,17 @@ class DirtyLog:
                 bitmap.mark(p0, p1)
             else:
                 self.pages.update(range(p0, p1 + 1))
+
+    def _whole_bitmap(self, first: int, last: int) -> bytes | None:
+        """A report of exactly one bitmap's pages, from a byte boundary: copy and clear."""
+        if self.pages or len(self._maps) != 1:
+            return None
+        bitmap = self._maps[0]
+        if first != bitmap.first or last != bitmap.first + bitmap.npages - 1:
+            return None
+        out = bytes(bitmap.bits)
+        bitmap.bits[:] = bytes(len(bitmap.bits))
+        return out
 
     def _take(self, first: int, last: int) -> int:
         """Dirty pages first..last as an int (bit 0 = first), clearing them."""
@@ -188,6 +205,9 @@ class DirtyLog:
         first, last = iova // lps, (end - 1) // lps
         if page_size == lps and iova % lps == 0:
             # The common case: the bits are the answer.
+            whole = self._whole_bitmap(first, last)
+            if whole is not None:
+                return whole.ljust(nbytes, b"\0")
             return self._take(first, last).to_bytes(nbytes, "little")
         taken = self._take(first, last)
         out = 0
