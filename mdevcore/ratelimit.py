@@ -1,0 +1,75 @@
+"""Logging a guest cannot flood: the first few of each kind, then summaries.
+
+A hostile client can make a device fail a million requests a second.  Each
+failure is still counted (operators read the counts), but only the first
+``burst`` occurrences of each (source, kind) pair are logged; after that
+one summary line per ``interval`` says how many were suppressed.  Sources
+are e.g. "device X, client 3"; kinds are e.g. "EINVAL REGION_READ".
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Hashable
+
+
+@dataclasses.dataclass(slots=True)
+class _Kind:
+    logged: int = 0
+    suppressed: int = 0
+    window_start: float = 0.0
+
+
+class RateLimitedLog:
+    """Throttles records per (source, kind); thread-safe enough for counters."""
+
+    def __init__(
+        self,
+        logger: logging.Logger | logging.LoggerAdapter,  # type: ignore[type-arg]
+        *,
+        burst: int = 10,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_kinds: int = 4096,
+    ) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        self.max_kinds = max_kinds  # bounds memory whatever kinds a client invents
+        self.counts: collections.Counter[tuple[Hashable, str]] = collections.Counter()
+        self._kinds: dict[tuple[Hashable, str], _Kind] = {}
+
+    def log(self, level: int, source: Hashable, kind: str, msg: str, *args: object) -> None:
+        """Count one occurrence and log it unless its (source, kind) is throttled."""
+        key = (source, kind)
+        self.counts[key] += 1
+        state = self._kinds.get(key)
+        if state is None:
+            if len(self._kinds) >= self.max_kinds:
+                self._kinds.clear()  # forget throttling state, keep the counts
+            state = self._kinds[key] = _Kind(window_start=self.clock())
+        now = self.clock()
+        if now - state.window_start >= self.interval:
+            if state.suppressed:
+                self.logger.log(
+                    level,
+                    "%s: %s: %d more suppressed in the last %.0f s",
+                    source,
+                    kind,
+                    state.suppressed,
+                    now - state.window_start,
+                )
+            state.logged, state.suppressed, state.window_start = 0, 0, now
+        if state.logged < self.burst:
+            state.logged += 1
+            self.logger.log(level, msg, *args)
+        else:
+            state.suppressed += 1
+
+    def total(self, source: Hashable) -> dict[str, int]:
+        """Every kind counted for ``source`` (for sysfs attributes and status)."""
+        return {kind: n for (src, kind), n in self.counts.items() if src == source}

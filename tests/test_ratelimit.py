@@ -1,0 +1,41 @@
+"""RateLimitedLog: the first records of a kind, then one summary per interval."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mdevcore.ratelimit import RateLimitedLog
+
+
+def test_bursts_then_summaries(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("t"), burst=3, interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="t"):
+        for i in range(1000):
+            limited.log(logging.INFO, "dev a", "EINVAL", "bad request %d", i)
+        limited.log(logging.INFO, "dev b", "EINVAL", "other device")
+        assert [r.getMessage() for r in caplog.records] == [
+            "bad request 0",
+            "bad request 1",
+            "bad request 2",
+            "other device",
+        ]
+        caplog.clear()
+        now[0] = 11.0
+        limited.log(logging.INFO, "dev a", "EINVAL", "bad request again")
+        assert [r.getMessage() for r in caplog.records] == [
+            "dev a: EINVAL: 997 more suppressed in the last 11 s",
+            "bad request again",
+        ]
+    assert limited.total("dev a") == {"EINVAL": 1001}
+    assert limited.total("dev b") == {"EINVAL": 1}
+
+
+def test_invented_kinds_cannot_grow_memory() -> None:
+    limited = RateLimitedLog(logging.getLogger("t"), max_kinds=8)
+    for i in range(100):
+        limited.log(logging.DEBUG, "dev", f"kind {i}", "x")
+    assert len(limited._kinds) <= 8
+    assert sum(limited.total("dev").values()) == 100
