@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 from mdevcore.vfio_user.backend import DeviceBackend
 
+__all__ = ["DeviceBackend", "MdevDriver", "MdevTypeSpec", "check_driver"]
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MdevTypeSpec:

@@ -43,7 +43,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
-from mdevcore.driver import MdevDriver, MdevTypeSpec
+from mdevcore.driver import DeviceBackend, MdevDriver, MdevTypeSpec
 from mdevcore.pci import config as cfg
 from mdevcore.pci.device import BarKind, Irq, PciDevice, PciIdentity
 from mdevcore.pci.migration import (
@@ -53,7 +53,6 @@ from mdevcore.pci.migration import (
     SAVING_STATES,
     MigState,
 )
-from mdevcore.vfio_user.backend import DeviceBackend
 
 from .uart import STATE_SIZE, Uart16550
 
