@@ -69,13 +69,27 @@ from mdevcore.pci.config import ConfigSpace
 from mdevcore.pci.dma import DmaTable
 from mdevcore.pci.irq import IrqController
 from mdevcore.pci.mig_session import MigrationSession
-from mdevcore.pci.migration import MigState
+from mdevcore.pci.migration import (
+    MIGRATION_P2P,
+    MIGRATION_PRE_COPY,
+    MIGRATION_STOP_COPY,
+    MigState,
+)
 from mdevcore.pci.msix import MsixTable
 from mdevcore.pci.sriov import SriovControl
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DmaPort
 
-__all__ = ["BarKind", "Irq", "MigState", "PciDevice", "PciIdentity"]
+__all__ = [
+    "MIGRATION_P2P",
+    "MIGRATION_PRE_COPY",
+    "MIGRATION_STOP_COPY",
+    "BarKind",
+    "Irq",
+    "MigState",
+    "PciDevice",
+    "PciIdentity",
+]
 
 log = logging.getLogger(__name__)
 
