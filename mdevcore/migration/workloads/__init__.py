@@ -1,0 +1,1 @@
+"""Workloads for the migration tool, one module per device (see ``workload``)."""
