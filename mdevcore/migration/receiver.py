@@ -87,7 +87,7 @@ class Receiver:
         log.warning("migration refused: %s", exc)
         try:
             self.dst.reset()
-        except OSError as e:  # the destination itself may be gone
+        except (OSError, EOFError) as e:  # the destination itself may be gone
             log.warning("destination reset failed: %s", e)
         err = exc.errno or errno.EIO
         return stream.status(err, str(exc.strerror or exc))

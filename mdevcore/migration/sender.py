@@ -249,12 +249,12 @@ class Sender:
         self.link.close()
         try:
             self.src.walk(State.RUNNING)
-        except (OSError, ValueError) as e:  # ValueError: no path (device in ERROR)
+        except (OSError, EOFError, ValueError) as e:  # ValueError: no path (ERROR)
             log.error("source rollback failed: %s", e)
             self.report.rolled_back = False
         try:
             self.src.logging_stop()
-        except OSError as e:
+        except (OSError, EOFError) as e:
             log.warning("DMA_LOGGING_STOP after failure: %s", e)
         if self.workload is not None and self._quiesced:
             self.workload.resume()
