@@ -12,6 +12,8 @@
    to STOP_COPY (through the P2P states when offered), its stream is read
    to the end, the last dirty pages (reported once more, now that the
    device is stopped) and the workload's state follow, then END.
+   A device without dirty logging gets every page sent again here, since
+   its writes cannot be seen.
 4. The receiver's STATUS: on success DMA_LOGGING_STOP and source STOP.
 
 Any failure on the way rolls the source back: walk to RUNNING from
@@ -67,6 +69,7 @@ class Report:
     pages_sent: int = 0
     device_bytes: int = 0
     precopy_device_bytes: int = 0
+    device_size_estimate: int | None = None  # MIG_DATA_SIZE, when offered
     device_flags: int = 0
     dirty_logging: bool = False
     rolled_back: bool = False
@@ -117,6 +120,7 @@ class Sender:
         self._frames = 0
         self._t0 = 0.0
         self._quiesced = False
+        self._touched = False  # set once the source device was changed
 
     # --- the whole migration -------------------------------------------------------
 
@@ -151,6 +155,7 @@ class Sender:
         }
         self._send(stream.header(), counted=False)
         self._send(stream.meta(info))
+        self._touched = True
         self.report.dirty_logging = self.src.logging_start([(self.mem.base, self.mem.size)])
         if self.src.pre_copy:
             self.src.walk(State.PRE_COPY, State.RUNNING)
@@ -176,11 +181,15 @@ class Sender:
         if self.workload is not None:
             self.workload.quiesce()
         self._quiesced = True
+        self.report.device_size_estimate = self.src.data_size()
         t_down = time.monotonic()
         self.src.walk(State.STOP_COPY)
         self._send_device(self.src.read_to_end(self.opts.device_limit), precopy=False)
         # The device is stopped: this report is the last of its writes.
         pending |= self._collect_dirty()
+        if not self.report.dirty_logging:
+            # No dirty log: the device may have written anywhere it could reach.
+            pending = set(range(self.mem.size // PAGE_SIZE))
         self._tell("stopcopy", len(pending) * PAGE_SIZE)
         self._send_pages(pending)
         if self.workload is not None:
@@ -245,8 +254,10 @@ class Sender:
 
     def _rollback(self) -> None:
         """Source back to RUNNING from wherever it is; logging off; workload on."""
-        self.report.rolled_back = True
         self.link.close()
+        if not self._touched:
+            return  # the source was never changed (e.g. it was not RUNNING)
+        self.report.rolled_back = True
         try:
             self.src.walk(State.RUNNING)
         except (OSError, EOFError, ValueError) as e:  # ValueError: no path (ERROR)

@@ -110,7 +110,8 @@ def netns() -> Iterator[tuple[str, str, str]]:
         ip netns add {ns_a}; ip netns add {ns_b}
         ip link add mva{tag} type veth peer name mvb{tag}
         ip link set mva{tag} netns {ns_a}; ip link set mvb{tag} netns {ns_b}
-        ip -n {ns_a} addr add {addr_a}/24 dev mva{tag}; ip -n {ns_b} addr add {addr_b}/24 dev mvb{tag}
+        ip -n {ns_a} addr add {addr_a}/24 dev mva{tag}
+        ip -n {ns_b} addr add {addr_b}/24 dev mvb{tag}
         ip -n {ns_a} link set mva{tag} up; ip -n {ns_b} link set mvb{tag} up
         ip -n {ns_a} link set lo up; ip -n {ns_b} link set lo up
     """
