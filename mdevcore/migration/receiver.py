@@ -114,9 +114,15 @@ class Receiver:
                 self.mem.load_page(number, data)
                 self.pages += 1
         elif fr.type == FrameType.WORKLOAD:
-            if self.workload is not None:
-                raise StreamError(errno.EPROTO, "second WORKLOAD")
-            self.workload = stream.parse_workload(fr.payload)
+            name, part = stream.parse_workload(fr.payload)
+            if self.workload is None:
+                self.workload = (name, part)
+            elif self.workload[0] != name:
+                raise StreamError(errno.EPROTO, f"WORKLOAD {name!r} after {self.workload[0]!r}")
+            elif len(self.workload[1]) + len(part) > stream.MAX_WORKLOAD_STATE:
+                raise StreamError(errno.EFBIG, "workload state too large")
+            else:
+                self.workload = (name, self.workload[1] + part)
         elif fr.type == FrameType.END:
             self._end(*stream.parse_end(fr.payload))
         else:

@@ -193,7 +193,8 @@ class Sender:
         self._tell("stopcopy", len(pending) * PAGE_SIZE)
         self._send_pages(pending)
         if self.workload is not None:
-            self._send(stream.workload(self.workload.name, self.workload.save()))
+            for fr in stream.workload(self.workload.name, self.workload.save()):
+                self._send(fr)
         self._send(
             stream.end(self.report.device_bytes, self.report.pages_sent, self._frames),
             counted=False,

@@ -10,7 +10,8 @@ The crc32 covers the type, the length and the payload.  Frame types:
     META      JSON object: guest memory size/base, device flags, workload name
     DEVICE    a slice of the source device's migration data, in order
     PAGES     count u32 | count x page number u64 | count x 4096 bytes
-    WORKLOAD  name length u16 | name | the workload's save()
+    WORKLOAD  name length u16 | name | a slice of the workload's save()
+              (a large state takes several frames, concatenated in order)
     END       device bytes u64 | pages u64 | frames u32 (all frames before END)
     STATUS    (receiver -> sender) errno i32 (0 = destination RUNNING) | text
 
@@ -36,6 +37,7 @@ PAGE_SIZE = 4096
 MAX_PAGES_PER_FRAME = 256
 MAX_DEVICE_CHUNK = 1 << 20
 MAX_META = 64 << 10
+MAX_WORKLOAD_STATE = 64 << 20
 # The largest legal frame is a full PAGES frame.
 MAX_FRAME = 4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE)
 
@@ -103,9 +105,13 @@ def pages(numbers: Sequence[int], data: Sequence[bytes | memoryview]) -> bytes:
     return frame(FrameType.PAGES, body)
 
 
-def workload(name: str, state: bytes) -> bytes:
+def workload(name: str, state: bytes) -> Iterable[bytes]:
     raw = name.encode()
-    return frame(FrameType.WORKLOAD, _U16.pack(len(raw)) + raw + state)
+    head = _U16.pack(len(raw)) + raw
+    step = MAX_FRAME - len(head)
+    view = memoryview(state)
+    for pos in range(0, max(len(view), 1), step):
+        yield frame(FrameType.WORKLOAD, head + view[pos : pos + step])
 
 
 def end(device_bytes: int, page_count: int, frames: int) -> bytes:

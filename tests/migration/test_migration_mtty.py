@@ -229,6 +229,15 @@ BAD_STREAMS = {
         lambda f: b"".join(f[:3]) + stream.pages([MEM // 4096], [bytes(4096)]) + f[4],
         errno.ERANGE,
     ),
+    "two_workloads": (
+        lambda f: (
+            b"".join(f[:4])
+            + b"".join(stream.workload("a", b"1"))
+            + b"".join(stream.workload("b", b"2"))
+            + f[4]
+        ),
+        errno.EPROTO,
+    ),
     "wrong_totals": (lambda f: b"".join(f[:4]) + stream.end(1, 1, 3), errno.EBADMSG),
 }
 

@@ -20,7 +20,7 @@ def _whole() -> bytes:
         + stream.meta({"memory_size": 8192, "memory_base": 0, "page_size": 4096})
         + b"".join(stream.device(b"dev" * 10))
         + stream.pages([0, 1], [PAGE, PAGE[::-1]])
-        + stream.workload("mtty", b"{}")
+        + b"".join(stream.workload("mtty", b"{}"))
         + stream.end(30, 2, 4)
     )
 
@@ -96,3 +96,12 @@ def test_payload_parsers_check_their_sizes() -> None:
         stream.parse_meta(b"\xff")
     with pytest.raises(ValueError):
         stream.frame(FrameType.DEVICE, bytes(stream.MAX_FRAME + 1))
+
+
+def test_a_large_workload_state_spans_frames() -> None:
+    state = bytes(range(256)) * 9000  # > one frame
+    frames = Decoder(expect_header=False).feed(b"".join(stream.workload("nvme", state)))
+    assert len(frames) == 3 and all(f.type == FrameType.WORKLOAD for f in frames)
+    parts = [stream.parse_workload(f.payload) for f in frames]
+    assert {name for name, _ in parts} == {"nvme"}
+    assert b"".join(p for _, p in parts) == state
