@@ -60,7 +60,11 @@ def _source_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdevd migrate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="mdevd migrate",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="mode")
     local = sub.add_parser("local", help="both ends in this process (the default)")
     _source_opts(local)

@@ -203,8 +203,14 @@ class Sender:
         if err:
             raise MigrationFailed(err, f"destination refused: {text}")
         self.report.downtime_seconds = time.monotonic() - t_down
-        self.src.logging_stop()
-        self.src.walk(State.STOP, State.STOP_COPY)
+        # The destination runs the device now: from here on the source must
+        # never be rolled back, whatever fails (that would be two live copies).
+        self._touched = False
+        try:
+            self.src.logging_stop()
+            self.src.walk(State.STOP, State.STOP_COPY)
+        except (OSError, EOFError, ValueError) as e:
+            log.warning("source cleanup after a successful migration: %s", e)
 
     # --- pieces ------------------------------------------------------------------
 
