@@ -177,4 +177,22 @@ def serve_receiver(conn: socket.socket, receiver: Receiver, timeout: float) -> N
             try:
                 conn.sendall(reply)
             except OSError:
-                pass  # the sender is gone; it rolls itself back
+                return  # the sender is gone; it rolls itself back
+    if receiver.error is not None:
+        _linger(conn, min(timeout, 5.0))
+
+
+def _linger(conn: socket.socket, timeout: float) -> None:
+    """After a refusal, read (and drop) what the sender still sends until it closes.
+
+    Closing with unread bytes would reset a TCP connection, and a reset can
+    discard the STATUS before the sender reads it.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and conn.recv(1 << 20):
+            pass
+    except OSError:
+        pass

@@ -8,10 +8,12 @@ addresses exist only inside them, so the stream really crosses TCP between
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import select
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -96,6 +98,42 @@ def test_unknown_workload_is_a_clear_error(pair: tuple[MttyDaemon, MttyDaemon]) 
         assert f"no workload {name!r}" in r.stderr and "missing" in r.stderr, r.stderr
 
 
+def test_send_to_a_refusing_receiver_rolls_the_source_back(
+    pair: tuple[MttyDaemon, MttyDaemon],
+) -> None:
+    """Two processes over a UNIX stream; the destination is an mtty-1 (state refused)."""
+    a, b = pair
+    u = new_uuid()
+    src, dst = a.create(u, "mtty-2"), b.create(u, "mtty-1")
+    where = f"unix:{b.base}/mig.sock"
+    receiver = subprocess.Popen(
+        [*MDEVD, "migrate", "receive", "--dst", str(dst), "--listen", where]
+        + ["--memory", "4M", "--json", "--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        _wait_for_line(receiver, "listening on")
+        sent = _migrate("send", "--src", str(src), "--to", where, "--memory", "4M", "--json")
+        out, err = receiver.communicate(timeout=60)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+        a.remove(u)
+        b.remove(u)
+    assert sent.returncode == 1, sent.stderr
+    report = json.loads(sent.stdout)
+    assert not report["ok"] and report["rolled_back"] and report["errno"] == errno.EINVAL
+    assert report["verified"] is True and report["after"]["mismatches"] == 0  # on the source
+    assert report["after"]["verified_bytes"] == report["after"]["writes"]
+    assert receiver.returncode == 1, err
+    received = json.loads(out)
+    assert not received["ok"] and received["errno"] == errno.EINVAL
+
+
 # --- two processes, two network namespaces ---------------------------------------
 
 
@@ -137,6 +175,9 @@ def _wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 30.0
     return seen.decode()
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"
+)
 def test_send_receive_over_tcp_between_network_namespaces(
     netns: tuple[str, str, str],
 ) -> None:
