@@ -43,6 +43,10 @@ def parse_size(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=parse_size, default="64M", help="guest RAM (default 64M)")
+    p.add_argument(
+        "--fdless", type=parse_size, default=0, metavar="SIZE",
+        help="map the top SIZE of RAM without an fd (DMA by messages)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="final report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument(
@@ -124,7 +128,7 @@ def _workload(name: str) -> Workload | None:
 
 def _send(args: argparse.Namespace) -> int:
     wl = _workload(args.workload)  # an unknown workload fails before any connection
-    src = Endpoint(args.src, args.memory, name="source")
+    src = Endpoint(args.src, args.memory, name="source", fdless=args.fdless)
     try:
         if wl is not None:
             wl.start(src.client, src.mem)
@@ -139,7 +143,7 @@ def _send(args: argparse.Namespace) -> int:
             extra: dict[str, Any] = {}
             after: Workload | None = None
         else:
-            dst = Endpoint(args.dst, args.memory, name="destination")
+            dst = Endpoint(args.dst, args.memory, name="destination", fdless=args.fdless)
             after = None
             try:
                 report, receiver = migrate_local(
@@ -188,7 +192,7 @@ def _print(args: argparse.Namespace, report: Report, extra: dict[str, Any]) -> i
 
 
 def _receive(args: argparse.Namespace) -> int:
-    dst = Endpoint(args.dst, args.memory, name="destination")
+    dst = Endpoint(args.dst, args.memory, name="destination", fdless=args.fdless)
     try:
         server = listen(args.listen)
         print(f"mdevd migrate: listening on {args.listen}", file=sys.stderr, flush=True)

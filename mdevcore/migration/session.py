@@ -25,13 +25,16 @@ class Endpoint:
         memory: int = DEFAULT_MEMORY,
         *,
         name: str = "device",
+        fdless: int = 0,
         timeout: float = 30.0,
     ) -> None:
+        """``fdless``: that many bytes at the top of RAM are mapped without an fd
+        (the device reaches them by DMA_READ/DMA_WRITE messages)."""
         self.client = Client(socket_path, timeout=timeout)
         try:
             self.client.negotiate()
             self.dev = MigrationDevice(self.client, name=name)
-            self.mem = GuestMemory(memory, name=name)
+            self.mem = GuestMemory(memory, fdless=fdless, name=name)
         except BaseException:
             self.client.close()
             raise

@@ -69,7 +69,9 @@ def test_local_migrate_json(pair: tuple[MttyDaemon, MttyDaemon]) -> None:
     u = new_uuid()
     src, dst = a.create(u), b.create(u)
     try:
-        r = _migrate("--src", str(src), "--dst", str(dst), "--memory", "4M", "--json")
+        r = _migrate(
+            "--src", str(src), "--dst", str(dst), "--memory", "4M", "--fdless", "64K", "--json"
+        )  # fmt: skip
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         _check_success(report, 4 << 20)
