@@ -85,10 +85,11 @@ class Receiver:
     def fail(self, exc: OSError) -> bytes:
         self.error = exc
         log.warning("migration refused: %s", exc)
-        try:
-            self.dst.reset()
-        except (OSError, EOFError) as e:  # the destination itself may be gone
-            log.warning("destination reset failed: %s", e)
+        if self.meta is not None:  # before META the device was never touched
+            try:
+                self.dst.reset()
+            except (OSError, EOFError) as e:  # the destination itself may be gone
+                log.warning("destination reset failed: %s", e)
         err = exc.errno or errno.EIO
         return stream.status(err, str(exc.strerror or exc))
 
