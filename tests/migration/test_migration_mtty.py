@@ -126,6 +126,22 @@ def test_refused_state_rolls_the_source_back(pair: tuple[MttyDaemon, MttyDaemon]
         b.remove(u)
 
 
+def test_workload_copes_with_a_one_byte_fifo(pair: tuple[MttyDaemon, MttyDaemon]) -> None:
+    a, _ = pair
+    u = new_uuid()
+    ep = Endpoint(a.create(u), MEM, name="src")
+    wl = _mtty(ep)
+    try:
+        wl.depth = 1  # what it falls back to when FCR does not enable the FIFOs
+        wl.run_for(0.05)
+        wl.verify()
+        assert wl.stats()["verified_bytes"] == wl.stats()["writes"] > 10
+    finally:
+        wl.close()
+        ep.close()
+        a.remove(u)
+
+
 # --- hostile streams --------------------------------------------------------------
 
 

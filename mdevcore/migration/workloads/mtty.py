@@ -19,6 +19,7 @@ With FIFOs that do not enable, one byte at a time.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -78,7 +79,7 @@ class MttyWorkload:
         self.dev, self.mem = dev, mem
         regions = [i for i in (0, 1) if _region_size(dev, i) > 0]
         if not regions:
-            raise OSError(19, "mtty: no UART BARs")
+            raise OSError(errno.ENODEV, "mtty: no UART BARs")
         for region in regions:
             self.ports.append(_Port(region, mem.alloc(LOG_SIZE)))
             dev.region_write(region, LCR, b"\x03")  # 8N1, DLAB off
@@ -120,8 +121,10 @@ class MttyWorkload:
         if burst:
             dev.region_write_multi((port.region, RBR_THR, bytes([b])) for b in burst)
             port.written += len(burst)
-        # Read some back but leave at least one byte in the FIFO.
-        self._drain(port, self._rng.randint(0, port.in_flight - 1))
+        # Read some back but leave at least one byte in the FIFO (unless it
+        # holds only one: then nothing could be written next).
+        keep = 1 if self.depth > 1 else 0
+        self._drain(port, self._rng.randint(0, port.in_flight - keep))
 
     def _drain(self, port: _Port, count: int) -> None:
         dev = self._device()
