@@ -19,7 +19,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import mdevcore, pyfuse3, trio, construct, pytest_trio, hypothesis' 2>/dev/null; then
+# The entry points are checked too: an install from before the plug-ins had none.
+if ! .venv/bin/python -c 'import mdevcore, pyfuse3, trio, construct, pytest_trio, hypothesis
+from importlib.metadata import entry_points
+assert {"mtty", "pds"} <= set(entry_points(group="mdevcore.parents").names)' 2>/dev/null; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 fi

@@ -4,7 +4,7 @@ No QEMU, no socket: a memfd plays guest memory, a minimal host driver fills
 the submission queue and rings the doorbell through ``mmio_write``, the
 controller executes against a file-backed namespace.  Prints IOPS and
 microseconds per command at queue depth 1 and 32, so the Python cost of one
-command can be compared with the socket round trip (PYSTACK.md) and with the
+command can be compared with the socket round trip (benchmarks/vfio_user_rtt.py) and with the
 guest-level figures of benchmarks/nvme_guest.py.
 
     .venv/bin/python benchmarks/nvme_controller.py [--seconds 2] [--dir /tmp]

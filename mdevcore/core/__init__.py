@@ -13,7 +13,6 @@ from mdevcore.core.events import (
     ParentRemoved,
 )
 from mdevcore.core.model import MdevCore, MdevDevice, MdevType, Parent
-from mdevcore.core.parse import parse_remove, parse_uuid
 
 __all__ = [
     "DeviceAdded",
@@ -25,6 +24,4 @@ __all__ = [
     "Parent",
     "ParentAdded",
     "ParentRemoved",
-    "parse_remove",
-    "parse_uuid",
 ]

@@ -2,7 +2,8 @@
 
 Observers run synchronously inside ``create``/``remove``/``register``, so
 a view updated from them is consistent by the time the call returns.
-Observers must not call back into the core.
+Observers must not call back into the core (the rule is in
+``mdevcore.observers``, shared with the PCI bus).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable, Mapping
 
 from mdevcore.core.events import DeviceAdded, DeviceRemoved, MdevEvent, ParentAdded, ParentRemoved
-from mdevcore.core.parse import parse_remove, parse_uuid
-from mdevcore.driver import MdevDriver, MdevTypeSpec
+from mdevcore.driver import MdevDriver, MdevTypeSpec, check_driver
+from mdevcore.observers import Observers
 from mdevcore.vfio_user.backend import DeviceBackend
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class MdevCore:
         self._lock = threading.RLock()
         self._parents: dict[str, Parent] = {}
         self._devices: dict[uuid.UUID, MdevDevice] = {}
-        self._observers: list[Observer] = []
+        self._observers: Observers[MdevEvent] = Observers()
         self._create_checks: list[CreateCheck] = []
 
     # --- observation ------------------------------------------------------
@@ -104,16 +104,15 @@ class MdevCore:
         already exists, atomically with the subscription.
         """
         with self._lock:
+            existing: list[MdevEvent] = []
             if replay:
-                for parent in self._parents.values():
-                    observer(ParentAdded(parent))
-                for device in self._devices.values():
-                    observer(DeviceAdded(device))
-            self._observers.append(observer)
+                existing += [ParentAdded(p) for p in self._parents.values()]
+                existing += [DeviceAdded(d) for d in self._devices.values()]
+            self._observers.subscribe(observer, existing)
 
     def unsubscribe(self, observer: Observer) -> None:
         with self._lock:
-            self._observers.remove(observer)
+            self._observers.unsubscribe(observer)
 
     def add_create_check(self, check: CreateCheck) -> None:
         """Run ``check(type, uuid)`` before each probe; its OSError fails the create.
@@ -129,12 +128,7 @@ class MdevCore:
             self._create_checks.remove(check)
 
     def _emit(self, event: MdevEvent) -> None:
-        for observer in list(self._observers):
-            try:
-                observer(event)
-            except Exception:
-                # A broken view must not undo a create the driver already did.
-                log.exception("observer %r failed on %r", observer, event)
+        self._observers.emit(event)  # under self._lock (mdevcore.observers)
 
     # --- queries ----------------------------------------------------------
 
@@ -179,6 +173,7 @@ class MdevCore:
     def register_parent(self, name: str, location: str, driver: MdevDriver) -> Parent:
         """mdev_register_parent: make ``driver``'s types creatable under ``name``."""
         clean = _check_location(name, location)
+        check_driver(driver)
         with self._lock:
             if name in self._parents:
                 raise OSError(errno.EEXIST, f"parent {name!r} already registered")
@@ -207,6 +202,7 @@ class MdevCore:
                     parent.driver.remove(device.uuid, device.backend)
                 except Exception:
                     log.exception("mdev %s: driver remove failed during unregister", device.uuid)
+                _close(device)
                 del self._devices[device.uuid]
                 self._emit(DeviceRemoved(device))
             del self._parents[name]
@@ -242,10 +238,6 @@ class MdevCore:
             self._emit(DeviceAdded(device))
             return device
 
-    def create_store(self, parent_name: str, type_id: str, data: bytes | str) -> MdevDevice:
-        """What a write to ``<type>/create`` does: parse (EINVAL), then create."""
-        return self.create(parent_name, type_id, parse_uuid(data))
-
     def remove(self, dev_uuid: uuid.UUID) -> None:
         """mdev_device_remove: the driver may refuse with EBUSY/EAGAIN."""
         with self._lock:
@@ -258,13 +250,18 @@ class MdevCore:
             except Exception as e:
                 log.exception("mdev %s: driver remove crashed", dev_uuid)
                 raise OSError(errno.EIO, "driver remove failed") from e
+            _close(device)
             del self._devices[dev_uuid]
             log.info("mdev %s removed", dev_uuid)
             self._emit(DeviceRemoved(device))
 
-    def remove_store(self, dev_uuid: uuid.UUID, data: bytes | str) -> None:
-        """What a write to ``<device>/remove`` does: non-zero removes, 0 does nothing."""
-        if parse_remove(data):
-            self.remove(dev_uuid)
-        else:
-            self.device(dev_uuid)  # still ENODEV for a device that is gone
+
+def _close(device: MdevDevice) -> None:
+    """Release the removed device's resources (eventfds, memfds, files)."""
+    close = getattr(device.backend, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.exception("mdev %s: closing the removed device failed", device.uuid)

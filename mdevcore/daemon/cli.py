@@ -1,6 +1,8 @@
 """``mdevd``: serve the mdev sysfs mirror, run mdevctl against it, or the lab.
 
-mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent SPEC]...
+mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent-opt NAME.KEY=VALUE]...
+mdevd parents
+mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
 mdevd migrate [send|receive] ...
@@ -29,17 +31,40 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODULE:FACTORY@LOCATION",
-        help="register another parent, e.g. pkg.mod:Driver@devices/virtual/foo/foo",
+        help="register a parent that is not an installed plug-in, "
+        "e.g. pkg.mod:Driver@devices/virtual/foo/foo (Driver is called with no arguments)",
     )
-    s.add_argument("--no-builtins", action="store_true", help="do not register built-in parents")
+    s.add_argument(
+        "--parent-opt",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="an option for an installed parent plug-in (mdevd parents lists them)",
+    )
+    s.add_argument(
+        "--no-parent",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this installed parent plug-in out",
+    )
+    s.add_argument(
+        "--no-builtins", action="store_true", help="register no plug-ins, only --parent ones"
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    pds = s.add_argument_group("pds card (an SR-IOV PF with NVMe VFs)")
+    pds = s.add_argument_group("pds card (shorthands for --no-parent pds / --parent-opt pds.*)")
     pds.add_argument("--no-pds", action="store_true", help="no pds card")
     pds.add_argument("--pds-pf", metavar="BDF", help="PF address (default 0000:60:00.0)")
     pds.add_argument("--pds-total-vfs", metavar="N", help="sriov_totalvfs (default 8)")
     pds.add_argument("--pds-ns-size", metavar="SIZE", help="namespace per VF (default 1G)")
     pds.add_argument("--pds-backing-dir", metavar="DIR", help="VF namespace files (RUN_DIR/pds)")
     pds.add_argument("--pds-doorbells", choices=("trapped", "mmap"), help="VF doorbell mode")
+
+    sub.add_parser("parents", help="list the installed parent plug-ins and their options")
+
+    n = sub.add_parser("new-parent", help="write a new parent package from the template")
+    n.add_argument("name", help="package and parent name, e.g. mydev")
+    n.add_argument("--dir", type=Path, default=Path("."), help="where to create NAME/ (default .)")
 
     m = sub.add_parser("mdevctl", help="run the real mdevctl against the mirror")
     m.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
@@ -72,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             from mdevcore.daemon.serve import serve  # trio and pyfuse3 only when serving
 
             return serve(args)
+        if args.command == "parents":
+            from mdevcore.plugins import describe, discover
+
+            print(describe(discover()))
+            return 0
+        if args.command == "new-parent":
+            from mdevcore.newparent import main as new_parent
+
+            return new_parent(args.name, args.dir)
         if args.command == "mdevctl":
             from mdevcore.daemon.mdevctl import run_mdevctl
 

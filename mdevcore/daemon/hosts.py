@@ -1,8 +1,9 @@
 """Hosted parents: devices that are not mdevs (a PF and its SR-IOV VFs).
 
-A hosted parent builds its own part of the sysfs tree, registers devlink
-instances, and asks :class:`NamedServers` to serve a device over
-vfio-user when a host driver (e.g. pds_vfio) takes it.  The daemon gives
+A hosted parent adds its functions and drivers to the daemon's PCI bus
+(whose sysfs view the daemon keeps), registers devlink instances, and
+asks :class:`NamedServers` to serve a device over vfio-user when a host
+driver (e.g. pds_vfio) takes it.  The daemon gives
 it a :class:`HostContext` at start and calls ``stop`` at shutdown.
 
 :class:`~mdevcore.daemon.servers.NamedServers` (the same one that serves
@@ -20,6 +21,7 @@ from typing import Protocol
 
 from mdevcore.daemon.devlink import DevlinkRegistry
 from mdevcore.daemon.servers import NamedServers
+from mdevcore.pci.bus import PciBus
 from mdevcore.sysfs.tree import SysfsTree
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class HostContext:
     servers: NamedServers
     devlink: DevlinkRegistry
     run_dir: Path
+    bus: PciBus  # the daemon's one PCI bus; its sysfs view is the daemon's too
 
 
 class HostedParent(Protocol):

@@ -1,6 +1,6 @@
 """``mdevd serve``: mount the mirror, register parents, serve devices until a signal.
 
-Startup order: parents (built-ins, then --parent), the server manager,
+Startup order: parents (installed plug-ins, then --parent), the server manager,
 --persist restore, hosted parents (the pds card, mdevcore.daemon.hosts),
 the control socket <run-dir>/mdevd.ctl (``mdevd devlink``), the mirror
 mount, then the banner ending in "mdevd: ready".  SIGTERM/SIGINT: stop
@@ -20,16 +20,19 @@ from pathlib import Path
 
 import trio
 
+from mdevcore import plugins
 from mdevcore.core import MdevCore
-from mdevcore.daemon import builtins
+from mdevcore.daemon import parents
 from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
 from mdevcore.daemon.hosts import HostContext, HostedParent
 from mdevcore.daemon.persist import PersistStore
 from mdevcore.daemon.servers import UNIX_PATH_MAX, ServerManager
+from mdevcore.pci.bus import PciBus
 from mdevcore.sysfs import MdevSysfs, qemu_device_arg
 from mdevcore.sysfs.fuse import check_mountpoint, mounted
 from mdevcore.sysfs.mounts import clear_stale_mount
+from mdevcore.sysfs.pci_view import PciSysfs
 
 log = logging.getLogger("mdevd")
 
@@ -40,9 +43,16 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        extra = tuple(builtins.ParentSpec.parse(text) for text in args.parent)
+        extra = tuple(parents.ParentSpec.parse(text) for text in args.parent)
     except ValueError as e:
         raise OSError(errno.EINVAL, str(e)) from None
+    found = [] if args.no_builtins else plugins.discover()
+    options = plugins.parse_options(_parent_opts(args), (d.plugin for d in found))
+    left_out = set(args.no_parent) | ({"pds"} if args.no_pds else set())
+    unknown = left_out - {d.plugin.name for d in found} - {"pds"}
+    if unknown and not args.no_builtins:
+        raise OSError(errno.EINVAL, f"--no-parent: no plug-in named {', '.join(sorted(unknown))}")
+    found = [d for d in found if d.plugin.name not in left_out]
     run_dir: Path = args.run_dir
     sysfs: Path = args.sysfs or run_dir / "sys"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -51,11 +61,8 @@ def serve(args: argparse.Namespace) -> int:
         sysfs.mkdir(parents=True)
     check_mountpoint(sysfs)
     core = MdevCore()
-    if not args.no_builtins:
-        builtins.register(core, builtins.BUILTIN_PARENTS, required=False)
-    builtins.register(core, extra, required=True)
-    host_specs = () if args.no_builtins or args.no_pds else builtins.BUILTIN_HOSTS
-    hosts = builtins.load_hosts(host_specs, {"pds": _pds_options(args)}, run_dir)
+    hosts = parents.register_plugins(core, found, options, run_dir)
+    parents.register_specs(core, extra)
     try:
         trio.run(_serve, core, sysfs, run_dir, args.persist, hosts)
     except BaseExceptionGroup as group:
@@ -77,10 +84,15 @@ def _sole_os_error(group: BaseExceptionGroup) -> BaseException:
     return leaf
 
 
-def _pds_options(args: argparse.Namespace) -> dict[str, str]:
+def _parent_opts(args: argparse.Namespace) -> list[str]:
+    """--parent-opt values, with the --pds-* shorthands first (an explicit one wins)."""
     names = ("pf", "total_vfs", "ns_size", "backing_dir", "doorbells")
-    values = {name: getattr(args, f"pds_{name}", None) for name in names}
-    return {name: str(value) for name, value in values.items() if value is not None}
+    shorthands = [
+        f"pds.{name}={getattr(args, f'pds_{name}')}"
+        for name in names
+        if getattr(args, f"pds_{name}", None) is not None
+    ]
+    return shorthands + list(args.parent_opt)
 
 
 async def _serve(
@@ -103,10 +115,13 @@ async def _serve(
                 persist.start()
                 log.info("persist: recreated %d device(s) from %s", restored, persist_dir)
             view = MdevSysfs(core, socket_path=servers.socket_path)
+            # One PCI bus and its sysfs view for every hosted parent.
+            bus = PciBus()
+            pci_view = PciSysfs(bus, view.tree) if hosts else None
             started: list[HostedParent] = []
             try:
                 for host in hosts:
-                    host.start(HostContext(view.tree, host_servers, devlink, run_dir))
+                    host.start(HostContext(view.tree, host_servers, devlink, run_dir, bus))
                     started.append(host)
                 ctl = control_path(run_dir)
                 if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
@@ -129,6 +144,8 @@ async def _serve(
                         except Exception:
                             log.exception("hosted parent %s failed to stop", host.name)
                     await servers.aclose()
+                    if pci_view is not None:
+                        pci_view.close()
                     view.close()
                 nursery.cancel_scope.cancel()
 

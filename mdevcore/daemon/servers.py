@@ -100,9 +100,6 @@ class NamedServers:
             raise OSError(errno.EACCES, f"cannot create sockets in {self.run_dir}")
         return path
 
-    def serving(self, name: str) -> bool:
-        return name in self._served
-
     def connected(self, name: str) -> bool:
         entry = self._served.get(name)
         return entry is not None and entry.server.connected

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 from mdevcore.nvme import identify, logpages, shadow
+from mdevcore.nvme.context import ControllerContext
 from mdevcore.nvme.features import DEFAULT_ARBITRATION
 from mdevcore.nvme.prp import translate, write_guest
 from mdevcore.nvme.queues import HELD, Command, CompletionQueue, SubmissionQueue
@@ -33,15 +33,12 @@ from mdevcore.nvme.spec import (
     specific,
 )
 
-if TYPE_CHECKING:
-    from mdevcore.nvme.controller import NvmeController
-
 log = logging.getLogger(__name__)
 
-Handler = Callable[["NvmeController", Command], object]
+Handler = Callable[["ControllerContext", Command], object]
 
 
-def execute(ctrl: NvmeController, cmd: Command) -> object:
+def execute(ctrl: ControllerContext, cmd: Command) -> object:
     handler = _HANDLERS.get(cmd.opcode)
     if handler is None:
         raise generic(Generic.INVALID_OPCODE, f"admin opcode {cmd.opcode:#x}")
@@ -52,7 +49,7 @@ def execute(ctrl: NvmeController, cmd: Command) -> object:
 
 
 def _check_new_queue(
-    ctrl: NvmeController, cmd: Command, existing: Mapping[int, object], limit: int
+    ctrl: ControllerContext, cmd: Command, existing: Mapping[int, object], limit: int
 ) -> tuple[int, int]:
     qid, size = cmd.cdw10 & 0xFFFF, (cmd.cdw10 >> 16) + 1
     if qid == 0 or qid > limit or qid in existing:
@@ -67,7 +64,7 @@ def _check_new_queue(
     return qid, size
 
 
-def create_io_cq(ctrl: NvmeController, cmd: Command) -> int:
+def create_io_cq(ctrl: ControllerContext, cmd: Command) -> int:
     if (ctrl.cc >> CC_IOCQES_SHIFT & CC_IOCQES_MASK) != CQES_LOG2:
         raise generic(Generic.INVALID_FIELD, "CC.IOCQES is not 16 bytes")
     qid, size = _check_new_queue(ctrl, cmd, ctrl.cqs, ctrl.features.cq_allocated)
@@ -84,7 +81,7 @@ def create_io_cq(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def create_io_sq(ctrl: NvmeController, cmd: Command) -> int:
+def create_io_sq(ctrl: ControllerContext, cmd: Command) -> int:
     if (ctrl.cc >> CC_IOSQES_SHIFT & CC_IOSQES_MASK) != SQES_LOG2:
         raise generic(Generic.INVALID_FIELD, "CC.IOSQES is not 64 bytes")
     cqid = cmd.cdw11 >> 16
@@ -101,7 +98,7 @@ def create_io_sq(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def delete_io_sq(ctrl: NvmeController, cmd: Command) -> int:
+def delete_io_sq(ctrl: ControllerContext, cmd: Command) -> int:
     qid = cmd.cdw10 & 0xFFFF
     sq = ctrl.sqs.get(qid)
     if qid == 0 or sq is None:
@@ -114,7 +111,7 @@ def delete_io_sq(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def delete_io_cq(ctrl: NvmeController, cmd: Command) -> int:
+def delete_io_cq(ctrl: ControllerContext, cmd: Command) -> int:
     qid = cmd.cdw10 & 0xFFFF
     cq = ctrl.cqs.get(qid)
     if qid == 0 or cq is None:
@@ -130,7 +127,7 @@ def delete_io_cq(ctrl: NvmeController, cmd: Command) -> int:
 # --- identify ---------------------------------------------------------------
 
 
-def identify_cmd(ctrl: NvmeController, cmd: Command) -> int:
+def identify_cmd(ctrl: ControllerContext, cmd: Command) -> int:
     cns = cmd.cdw10 & 0xFF
     nsids = list(range(1, len(ctrl.namespaces) + 1))
     if cns == Cns.CONTROLLER:
@@ -155,7 +152,7 @@ SEL_CURRENT, SEL_DEFAULT, SEL_SAVED, SEL_CAPABILITIES = 0, 1, 2, 3
 CAPABILITY_CHANGEABLE = 1 << 2
 
 
-def _feature_value(ctrl: NvmeController, fid: int, cdw11: int, *, default: bool) -> int:
+def _feature_value(ctrl: ControllerContext, fid: int, cdw11: int, *, default: bool) -> int:
     feats, irq = ctrl.features, ctrl.irq
     if fid == FeatureId.ARBITRATION:
         return DEFAULT_ARBITRATION if default else feats.arbitration
@@ -180,7 +177,7 @@ def _feature_value(ctrl: NvmeController, fid: int, cdw11: int, *, default: bool)
     raise generic(Generic.INVALID_FIELD, f"feature {fid:#x}")
 
 
-def get_features(ctrl: NvmeController, cmd: Command) -> int:
+def get_features(ctrl: ControllerContext, cmd: Command) -> int:
     fid, sel = cmd.cdw10 & 0xFF, cmd.cdw10 >> 8 & 0x7
     if sel > SEL_CAPABILITIES:
         raise generic(Generic.INVALID_FIELD, f"SEL {sel}")
@@ -188,7 +185,7 @@ def get_features(ctrl: NvmeController, cmd: Command) -> int:
     return CAPABILITY_CHANGEABLE if sel == SEL_CAPABILITIES else value
 
 
-def set_features(ctrl: NvmeController, cmd: Command) -> int:
+def set_features(ctrl: ControllerContext, cmd: Command) -> int:
     fid, save = cmd.cdw10 & 0xFF, cmd.cdw10 >> 31
     _feature_value(ctrl, fid, cmd.cdw11, default=True)  # unknown FID / bad vector -> Invalid Field
     if save:
@@ -234,7 +231,7 @@ def set_features(ctrl: NvmeController, cmd: Command) -> int:
 # --- log pages --------------------------------------------------------------
 
 
-def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
+def get_log_page(ctrl: ControllerContext, cmd: Command) -> int:
     lid, rae = cmd.cdw10 & 0xFF, cmd.cdw10 >> 15 & 1
     numd = ((cmd.cdw11 & 0xFFFF) << 16 | cmd.cdw10 >> 16) + 1
     offset = cmd.cdw13 << 32 | cmd.cdw12
@@ -263,14 +260,14 @@ def get_log_page(ctrl: NvmeController, cmd: Command) -> int:
 # --- events, abort, keep alive ------------------------------------------------
 
 
-def async_event_request(ctrl: NvmeController, cmd: Command) -> object:
+def async_event_request(ctrl: ControllerContext, cmd: Command) -> object:
     if len(ctrl.events.requests) > ctrl.config.aerl:
         raise specific(CommandSpecific.AER_LIMIT_EXCEEDED, "too many AERs")
     ctrl.events.requests.append(cmd.cid)
     return HELD
 
 
-def abort(ctrl: NvmeController, cmd: Command) -> int:
+def abort(ctrl: ControllerContext, cmd: Command) -> int:
     sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
     # Only held AERs are ever outstanding; everything else already completed.
     if sqid == 0 and cid in ctrl.events.requests:
@@ -282,7 +279,7 @@ def abort(ctrl: NvmeController, cmd: Command) -> int:
     return 1  # DW0 bit 0: command not aborted
 
 
-def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> int:
+def doorbell_buffer_config(ctrl: ControllerContext, cmd: Command) -> int:
     if not ctrl.config.shadow_doorbells:
         raise generic(Generic.INVALID_OPCODE, "shadow doorbells not offered")
     for what, addr in (("shadow doorbell", cmd.prp1), ("EventIdx", cmd.prp2)):
@@ -300,7 +297,7 @@ def doorbell_buffer_config(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def keep_alive(ctrl: NvmeController, cmd: Command) -> int:
+def keep_alive(ctrl: ControllerContext, cmd: Command) -> int:
     ctrl.last_keep_alive = ctrl.clock()
     return 0
 

@@ -91,6 +91,7 @@ class NvmeController:
         doorbells: memoryview | None = None,
         irq_vectors: Callable[[], int] | None = None,
         level_irq: Callable[[], bool] | None = None,
+        may_dma: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "nvme",
     ) -> None:
@@ -106,14 +107,17 @@ class NvmeController:
         self._irq_vectors = irq_vectors or (lambda: self.config.max_io_queues + 1)
         # True while interrupts are pin-based (INTx): CQ head updates then matter.
         self.level_irq = level_irq or (lambda: False)
+        # False while the owner forbids device DMA (migration RUNNING_P2P and
+        # STOP states): doorbells and register writes are still accepted and
+        # latched, but nothing is fetched, completed or published until the
+        # owner allows DMA again and calls process().
+        self.may_dma = may_dma or (lambda: True)
         if doorbells is None:
             self._doorbell_mem: memoryview = memoryview(bytearray(DOORBELL_PAGE))
-            self.doorbells_shared = False
         else:
             if len(doorbells) < DOORBELL_PAGE:
                 raise ValueError("doorbell memory must be one page")
             self._doorbell_mem = doorbells[:DOORBELL_PAGE]
-            self.doorbells_shared = True
         self.doorbells = self._doorbell_mem.cast("B").cast("I")
         self.irq = InterruptLogic(raise_irq, clock)
         self.features = Features(self.config.max_io_queues)
@@ -409,6 +413,8 @@ class NvmeController:
         if not self.ready or self.csts & CSTS_CFS:
             # Fatal status: nothing runs until the host resets the controller.
             return False
+        if not self.may_dma():
+            return False
         self._read_doorbells()
         for cq in self.cqs.values():
             if cq.overflow:
@@ -534,7 +540,7 @@ class NvmeController:
     def post_event(self, event_type: AsyncEventType, info: int, log_id: int) -> None:
         """Report an asynchronous event (completes a held AER when one is outstanding)."""
         self.events.post(AsyncEvent(event_type, info, log_id))
-        if self.ready:
+        if self.ready and self.may_dma():
             self._deliver_events()
             self._signal_completions()
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
+
+from mdevcore.nvme.checks import U16, U32, dict_of, int_in, list_of
 
 
 @dataclasses.dataclass(slots=True)
@@ -39,6 +42,29 @@ class InterruptLogic:
         self.mask = 0
         self._masked_pending = 0
         self._pending.clear()
+
+    # --- migration ---------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "mask": self.mask,
+            "threshold": self.threshold,
+            "time": self.time_100us,
+            "no_coalescing": sorted(self.coalescing_disabled),
+        }
+
+    @staticmethod
+    def check_snapshot(data: Any) -> tuple[int, int, int, set[int]]:
+        irq = dict_of(data, "irq")
+        return (
+            int_in(irq["mask"], 0, U32, "INTMS"),
+            int_in(irq["threshold"], 0, 255, "THR"),
+            int_in(irq["time"], 0, 255, "TIME"),
+            {int_in(v, 0, U16, "vector") for v in list_of(irq["no_coalescing"], None, "iv")},
+        )
+
+    def load(self, checked: tuple[int, int, int, set[int]]) -> None:
+        self.mask, self.threshold, self.time_100us, self.coalescing_disabled = checked
 
     # --- completions ------------------------------------------------------
 

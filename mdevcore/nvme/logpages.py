@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import struct
+from typing import Any
 
+from mdevcore.nvme.checks import U16, U32, U64, Invalid, dict_of, int_in, list_of
 from mdevcore.nvme.spec import AsyncEventType, LogId
 
 ERROR_ENTRY_SIZE = 64
@@ -53,6 +55,31 @@ class ErrorLog:
         raw = b"".join(e.encode() for e in self.entries)
         return raw.ljust(self._capacity * ERROR_ENTRY_SIZE, b"\0")
 
+    def snapshot(self) -> list[Any]:
+        """The count, then the entries oldest first."""
+        entries = [
+            [e.count, e.sqid, e.cid, e.status, e.lba, e.nsid] for e in reversed(self.entries)
+        ]
+        return [self.count, *entries]
+
+    def check_snapshot(self, data: Any) -> tuple[int, list[ErrorEntry]]:
+        saved = list_of(data, None, "errors")
+        if not saved:
+            raise Invalid("errors: no count")
+        entries = [
+            ErrorEntry(*(int_in(v, 0, U64, "error entry") for v in list_of(e, 6, "error entry")))
+            for e in saved[1 : 1 + self._capacity]
+        ]
+        return int_in(saved[0], 0, U64, "error count"), entries
+
+    def load(self, checked: tuple[int, list[ErrorEntry]]) -> None:
+        # Saved oldest first; the log keeps the newest at the left.  A
+        # controller reset keeps the error log, so clear it here.
+        self.count, entries = checked
+        self.entries.clear()
+        for entry in entries:
+            self.entries.appendleft(entry)
+
 
 @dataclasses.dataclass(slots=True)
 class SmartCounters:
@@ -64,6 +91,16 @@ class SmartCounters:
     unsafe_shutdowns: int = 0
     critical_warning: int = 0
     temperature_k: int = 313
+
+    def snapshot(self) -> list[int]:
+        return [self.bytes_read, self.bytes_written, self.read_commands, self.write_commands]
+
+    @staticmethod
+    def check_snapshot(data: Any) -> list[int]:
+        return [int_in(v, 0, U64, "SMART") for v in list_of(data, 4, "smart")]
+
+    def load(self, values: list[int]) -> None:
+        self.bytes_read, self.bytes_written, self.read_commands, self.write_commands = values
 
     def page(self, error_count: int) -> bytes:
         data = bytearray(SMART_SIZE)
@@ -113,6 +150,9 @@ EVENT_LOG = {
 _SMART_INFO_TO_CONFIG_BIT = {0: 2, 1: 1, 2: 0}
 
 
+_Events = tuple[list[int], list[AsyncEvent], set[AsyncEventType], int]
+
+
 class AsyncEvents:
     """Queued events and the host's outstanding Asynchronous Event Requests.
 
@@ -159,6 +199,39 @@ class AsyncEvents:
             self.masked.add(event.type)
             out.append((self.requests.popleft(), event))
         return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": list(self.requests),
+            "queued": [[int(e.type), e.info, e.log_id] for e in self.queued],
+            "masked": sorted(int(t) for t in self.masked),
+            "config": self.config,
+        }
+
+    @staticmethod
+    def check_snapshot(data: Any, aerl: int) -> _Events:
+        events = dict_of(data, "events")
+        requests = [int_in(c, 0, U16, "AER cid") for c in list_of(events["requests"], None, "aers")]
+        if len(requests) > aerl + 1:
+            raise Invalid("too many held AERs")
+        queued = []
+        for raw in list_of(events["queued"], None, "queued")[:256]:
+            etype, info, lid = list_of(raw, 3, "event")
+            queued.append(
+                AsyncEvent(AsyncEventType(int_in(etype, 0, 2, "event type")),
+                           int_in(info, 0, 255, "info"), int_in(lid, 0, 255, "log id"))
+            )  # fmt: skip
+        masked = {
+            AsyncEventType(int_in(t, 0, 2, "masked")) for t in list_of(events["masked"], None, "m")
+        }
+        return requests, queued, masked, int_in(events["config"], 0, U32, "AEC")
+
+    def load(self, checked: _Events) -> None:
+        requests, queued, self.masked, self.config = checked
+        self.requests.clear()
+        self.requests.extend(requests)
+        self.queued.clear()
+        self.queued.extend(queued)
 
     def log_read(self, log_id: int) -> None:
         for event_type, lid in EVENT_LOG.items():

@@ -6,8 +6,8 @@ import errno
 import logging
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from mdevcore.nvme.context import IoContext
 from mdevcore.nvme.namespace import FileNamespace
 from mdevcore.nvme.prp import map_segments, prp_segments, read_guest, release
 from mdevcore.nvme.queues import Command
@@ -19,9 +19,6 @@ from mdevcore.nvme.spec import (
     StatusType,
     generic,
 )
-
-if TYPE_CHECKING:
-    from mdevcore.nvme.controller import NvmeController
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ WZ_DEAC = 1 << 25
 RW_FUA = 1 << 30
 
 
-def execute(ctrl: NvmeController, sqid: int, cmd: Command) -> int:
+def execute(ctrl: IoContext, sqid: int, cmd: Command) -> int:
     handler = _HANDLERS.get(cmd.opcode)
     if handler is None:
         raise generic(Generic.INVALID_OPCODE, f"I/O opcode {cmd.opcode:#x}")
@@ -47,7 +44,7 @@ def _lba_range(ns: FileNamespace, slba: int, count: int) -> None:
         raise generic(Generic.LBA_OUT_OF_RANGE, f"LBA {slba}+{count} beyond {ns.nlbas}")
 
 
-def _blocks(ctrl: NvmeController, cmd: Command) -> tuple[FileNamespace, int, int]:
+def _blocks(ctrl: IoContext, cmd: Command) -> tuple[FileNamespace, int, int]:
     """Namespace, SLBA and block count of a Read/Write/Write Zeroes, range-checked."""
     ns = ctrl.require_namespace(cmd.nsid)
     slba = cmd.cdw11 << 32 | cmd.cdw10
@@ -65,7 +62,7 @@ def _media_error(exc: OSError, write: bool) -> NvmeError:
     return NvmeError(StatusType.GENERIC, Generic.INTERNAL_ERROR, f"backing file: {exc}")
 
 
-def _read_write(ctrl: NvmeController, cmd: Command, write: bool) -> int:
+def _read_write(ctrl: IoContext, cmd: Command, write: bool) -> int:
     ns, slba, nlb = _blocks(ctrl, cmd)
     length = nlb * ns.lba_size
     if length > ctrl.config.max_transfer:
@@ -95,15 +92,15 @@ def _read_write(ctrl: NvmeController, cmd: Command, write: bool) -> int:
     return 0
 
 
-def read(ctrl: NvmeController, cmd: Command) -> int:
+def read(ctrl: IoContext, cmd: Command) -> int:
     return _read_write(ctrl, cmd, write=False)
 
 
-def write(ctrl: NvmeController, cmd: Command) -> int:
+def write(ctrl: IoContext, cmd: Command) -> int:
     return _read_write(ctrl, cmd, write=True)
 
 
-def flush(ctrl: NvmeController, cmd: Command) -> int:
+def flush(ctrl: IoContext, cmd: Command) -> int:
     targets = ctrl.namespaces if cmd.nsid == BROADCAST_NSID else [ctrl.require_namespace(cmd.nsid)]
     try:
         for ns in targets:
@@ -113,7 +110,7 @@ def flush(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def write_zeroes(ctrl: NvmeController, cmd: Command) -> int:
+def write_zeroes(ctrl: IoContext, cmd: Command) -> int:
     ns, slba, nlb = _blocks(ctrl, cmd)
     try:
         ns.write_zeroes(slba, nlb, deallocate=bool(cmd.cdw12 & WZ_DEAC))
@@ -124,7 +121,7 @@ def write_zeroes(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
+def dataset_management(ctrl: IoContext, cmd: Command) -> int:
     ns = ctrl.require_namespace(cmd.nsid)
     nr = (cmd.cdw10 & 0xFF) + 1
     raw = read_guest(ctrl.dma, cmd.prp1, cmd.prp2, nr * _DSM_RANGE.size, ctrl.page_size)
@@ -142,7 +139,7 @@ def dataset_management(ctrl: NvmeController, cmd: Command) -> int:
     return 0
 
 
-_HANDLERS: dict[int, Callable[[NvmeController, Command], int]] = {
+_HANDLERS: dict[int, Callable[[IoContext, Command], int]] = {
     IoOpcode.FLUSH: flush,
     IoOpcode.WRITE: write,
     IoOpcode.READ: read,

@@ -23,7 +23,9 @@ class DmaSpace(Protocol):
         """A writable (or readable) view of ``length`` bytes at ``iova``.
 
         Raises OSError(EFAULT) when the range is not inside one mapping or the
-        mapping lacks the requested permission.
+        mapping lacks the requested permission.  A writable view counts as
+        written: a space that logs dirty pages for migration (the device's
+        DmaTable) logs it here, once, so the controller never has to.
         """
         ...
 
@@ -32,7 +34,11 @@ _PRP_ENTRY = struct.Struct("<Q")
 
 
 def translate(dma: DmaSpace, iova: int, length: int, write: bool) -> memoryview:
-    """``dma.translate`` with failures turned into Data Transfer Error."""
+    """``dma.translate`` with failures turned into Data Transfer Error.
+
+    Every controller access to guest memory comes through here; writable
+    views are logged dirty by the DMA space itself (see DmaSpace).
+    """
     try:
         return dma.translate(iova, length, write)
     except (OSError, ValueError, OverflowError) as exc:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from mdevcore.nvme.checks import U16, U32, U64, int_in, list_of
 from mdevcore.nvme.prp import DmaSpace, translate
 from mdevcore.nvme.spec import CQ_ENTRY_SIZE, SQ_ENTRY_SIZE
 
@@ -88,6 +89,24 @@ class SubmissionQueue:
     def pending(self) -> bool:
         return self.head != self.tail
 
+    def snapshot(self) -> list[int]:
+        return [self.qid, self.base, self.size, self.cqid, self.head, self.tail]
+
+    @classmethod
+    def from_snapshot(cls, raw: Any, *, max_qid: int, max_entries: int) -> SubmissionQueue:
+        """A queue from a saved one; ``max_qid`` is 0 for the admin queue's slot."""
+        qid, base, size, cqid, head, tail = list_of(raw, 6, "sq")
+        qid = int_in(qid, 0, max_qid if qid else 0, "SQ id")
+        size = int_in(size, 2, max_entries if qid else 4096, "SQ size")
+        return cls(
+            qid,
+            int_in(base, 0, U64, "SQ base"),
+            size,
+            cqid=int_in(cqid, 0, U16, "SQ cqid"),
+            head=int_in(head, 0, size - 1, "SQ head"),
+            tail=int_in(tail, 0, size - 1, "SQ tail"),
+        )
+
     def fetch(self, dma: DmaSpace) -> Command:
         """Read the entry at head and consume it (the caller checked ``pending``)."""
         view = translate(dma, self.base + self.head * SQ_ENTRY_SIZE, SQ_ENTRY_SIZE, False)
@@ -117,6 +136,41 @@ class CompletionQueue:
     overflow: collections.deque[tuple[int, int, int, int, int]] = dataclasses.field(
         default_factory=collections.deque
     )
+
+    def snapshot(self) -> list[Any]:
+        overflow = [list(entry) for entry in self.overflow]
+        return [self.qid, self.base, self.size, self.vector, self.irq_enabled, self.head,
+                self.tail, self.phase, overflow]  # fmt: skip
+
+    @classmethod
+    def from_snapshot(
+        cls, raw: Any, *, max_qid: int, max_entries: int, vectors: int
+    ) -> CompletionQueue:
+        qid, base, size, vector, ien, head, tail, phase, overflow = list_of(raw, 9, "cq")
+        qid = int_in(qid, 0, max_qid if qid else 0, "CQ id")
+        size = int_in(size, 2, max_entries if qid else 4096, "CQ size")
+        cq = cls(
+            qid,
+            int_in(base, 0, U64, "CQ base"),
+            size,
+            vector=int_in(vector, 0, max(vectors, 1) - 1, "CQ vector"),
+            irq_enabled=bool(ien),
+            head=int_in(head, 0, size - 1, "CQ head"),
+            tail=int_in(tail, 0, size - 1, "CQ tail"),
+            phase=int_in(phase, 0, 1, "CQ phase"),
+        )
+        for entry in list_of(overflow, None, "overflow")[:max_entries]:
+            dw0, sqhd, sqid, cid, status = list_of(entry, 5, "overflow entry")
+            cq.overflow.append(
+                (
+                    int_in(dw0, 0, U32, "dw0"),
+                    int_in(sqhd, 0, U16, "sqhd"),
+                    int_in(sqid, 0, U16, "sqid"),
+                    int_in(cid, 0, U16, "cid"),
+                    int_in(status, 0, 0x7FFF, "status"),
+                )
+            )
+        return cq
 
     @property
     def full(self) -> bool:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
+from mdevcore.nvme.checks import U64, int_in, list_of
 from mdevcore.nvme.prp import DmaSpace, translate
 from mdevcore.nvme.queues import CompletionQueue, SubmissionQueue
 
@@ -47,6 +49,14 @@ class ShadowDoorbells:
         self.doorbells = doorbells  # guest address of the shadow doorbell page
         self.eventidx = eventidx  # guest address of the EventIdx page
 
+    def snapshot(self) -> list[int]:
+        return [self.doorbells, self.eventidx]
+
+    @classmethod
+    def from_snapshot(cls, raw: Any) -> ShadowDoorbells:
+        dbs, eventidx = list_of(raw, 2, "shadow")
+        return cls(int_in(dbs, 1, U64, "shadow"), int_in(eventidx, 1, U64, "eventidx"))
+
     def read(self, dma: DmaSpace, index: int) -> int:
         view = translate(dma, self.doorbells + 4 * index, 4, False)
         try:
@@ -55,9 +65,19 @@ class ShadowDoorbells:
             view.release()
 
     def publish(self, dma: DmaSpace, index: int, value: int) -> None:
-        view = translate(dma, self.eventidx + 4 * index, 4, True)
+        addr = self.eventidx + 4 * index
+        new = _U32.pack(value & 0xFFFFFFFF)
+        # Only the host reads this page: an unchanged value is not written,
+        # so an idle controller leaves no dirty page for migration to resend.
+        view = translate(dma, addr, 4, False)
         try:
-            view[:] = _U32.pack(value & 0xFFFFFFFF)
+            if bytes(view) == new:
+                return
+        finally:
+            view.release()
+        view = translate(dma, addr, 4, True)
+        try:
+            view[:] = new
         finally:
             view.release()
 

@@ -29,6 +29,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from mdevcore.kernel_parse import kstrtobool, kstrtoul, sysfs_streq
+from mdevcore.observers import Observers
 from mdevcore.pci import caps
 from mdevcore.pci.device import PciDevice
 
@@ -36,54 +38,6 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096
 PCI_ANY_ID = -1
-
-
-# --- parsing as the kernel's helpers do -------------------------------------
-
-
-def _strip_newline(data: bytes) -> bytes:
-    return data[:-1] if data.endswith(b"\n") else data
-
-
-def kstrtouint(data: bytes, bits: int) -> int:
-    """kstrtou<bits>(s, 0): decimal, 0x hex or 0 octal, one trailing newline.
-
-    EINVAL for anything else, ERANGE when it does not fit.
-    """
-    text = _strip_newline(data)
-    if text.startswith(b"+"):
-        text = text[1:]
-    base = 10
-    if text[:2].lower() == b"0x":
-        base, text = 16, text[2:]
-    elif text.startswith(b"0") and len(text) > 1:
-        base, text = 8, text[1:]
-    digits = "0123456789abcdef"[:base]
-    if not text or any(chr(c).lower() not in digits for c in text):
-        raise OSError(errno.EINVAL, f"{data!r} is not a number")
-    value = int(text, base)
-    if value >> bits:
-        raise OSError(errno.ERANGE, f"{value} does not fit in {bits} bits")
-    return value
-
-
-def kstrtobool(data: bytes) -> bool:
-    """kstrtobool: y/Y/1/on true, n/N/0/off false (first characters decide)."""
-    text = data.lower()
-    if text[:1] in (b"y", b"1", b"t"):
-        return True
-    if text[:1] in (b"n", b"0", b"f"):
-        return False
-    if text[:2] == b"on":
-        return True
-    if text[:2] == b"of":
-        return False
-    raise OSError(errno.EINVAL, f"{data!r} is not a boolean")
-
-
-def sysfs_streq(data: bytes, name: str) -> bool:
-    """Equal, ignoring one trailing newline on either side (sysfs_streq)."""
-    return _strip_newline(data) == _strip_newline(name.encode())
 
 
 # --- addresses ----------------------------------------------------------------
@@ -370,30 +324,28 @@ class PciBus:
         self.drivers: dict[str, PciDriver] = {}
         self.aux_devices: dict[str, AuxDevice] = {}
         self.aux_drivers: list[str] = []
-        self._observers: list[Observer] = []
+        # Changed from the daemon's trio thread only (mdevcore.observers).
+        self._observers: Observers[BusEvent] = Observers()
 
     def subscribe(self, observer: Observer) -> None:
         """Follow the bus; what exists already is replayed first."""
-        self._observers.append(observer)
-        for drv in self.drivers.values():
-            observer(DriverRegistered(drv))
-        for name in self.aux_drivers:
-            observer(AuxDriverRegistered(name))
+        existing: list[BusEvent] = [DriverRegistered(d) for d in self.drivers.values()]
+        existing += [AuxDriverRegistered(name) for name in self.aux_drivers]
         for fn in sorted(self.functions.values(), key=lambda f: f.bdf):
-            observer(FunctionAdded(fn))
+            existing.append(FunctionAdded(fn))
             if fn.driver is not None:
-                observer(DriverBound(fn, fn.driver))
+                existing.append(DriverBound(fn, fn.driver))
         for aux in self.aux_devices.values():
-            observer(AuxAdded(aux))
+            existing.append(AuxAdded(aux))
             if aux.driver is not None:
-                observer(AuxBound(aux))
+                existing.append(AuxBound(aux))
+        self._observers.subscribe(observer, existing)
 
     def unsubscribe(self, observer: Observer) -> None:
-        self._observers.remove(observer)
+        self._observers.unsubscribe(observer)
 
     def _emit(self, event: BusEvent) -> None:
-        for observer in list(self._observers):
-            observer(event)
+        self._observers.emit(event)
 
     def function(self, name: str) -> PciFunction:
         fn = self.functions.get(name)
@@ -521,7 +473,7 @@ class PciBus:
     def sriov_numvfs_store(self, pf: PciFunction, data: bytes) -> None:
         """``echo N > sriov_numvfs`` (sriov_numvfs_store)."""
         try:
-            num_vfs = kstrtouint(data, 16)
+            num_vfs = kstrtoul(data, 16)
         except OSError:
             raise OSError(errno.EINVAL, f"sriov_numvfs: {data!r} is not a number") from None
         if num_vfs > pf.total_vfs:

@@ -168,9 +168,6 @@ class ConfigSpace:
     def update_u16(self, offset: int, value: int) -> None:
         self.update(offset, value.to_bytes(2, "little"))
 
-    def update_u32(self, offset: int, value: int) -> None:
-        self.update(offset, value.to_bytes(4, "little"))
-
     def is_free(self, offset: int, length: int) -> bool:
         """True when no set()/capability bytes lie in [offset, offset+length)."""
         if offset < HEADER_SIZE or offset + length > self.size:

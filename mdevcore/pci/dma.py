@@ -70,47 +70,180 @@ class DmaRegion:
             )
 
 
+# Ranges up to this many pages get a bitmap (1 TiB at 4 KiB pages: 32 MiB of
+# bits); larger ones, which only a hostile client asks for, log into a set
+# whose size follows what the device actually writes.
+_MAX_BITMAP_PAGES = 1 << 28
+
+
+class _RangeBitmap:
+    """Dirty bits of the pages [first, first + npages)."""
+
+    __slots__ = ("first", "npages", "bits")
+
+    def __init__(self, first: int, npages: int) -> None:
+        self.first = first
+        self.npages = npages
+        self.bits = bytearray((npages + 7) // 8)
+
+    def mark(self, p0: int, p1: int) -> None:
+        """Pages p0..p1 (inclusive, already inside the range)."""
+        bits = self.bits
+        lo, hi = p0 - self.first, p1 - self.first
+        if hi - lo < 64:
+            for bit in range(lo, hi + 1):
+                bits[bit >> 3] |= 1 << (bit & 7)
+            return
+        head, tail = (lo + 7) >> 3, (hi + 1) >> 3  # whole bytes in between
+        for bit in range(lo, min(head << 3, hi + 1)):
+            bits[bit >> 3] |= 1 << (bit & 7)
+        bits[head:tail] = b"\xff" * (tail - head)
+        for bit in range(max(tail << 3, lo), hi + 1):
+            bits[bit >> 3] |= 1 << (bit & 7)
+
+    def take(self, p0: int, p1: int) -> int:
+        """The bits of pages p0..p1 as an int (bit 0 = p0), clearing them."""
+        lo, n = p0 - self.first, p1 - p0 + 1
+        byte0, byte1 = lo >> 3, (lo + n + 7) >> 3
+        word = int.from_bytes(self.bits[byte0:byte1], "little")
+        shift = lo & 7
+        mask = (1 << n) - 1
+        taken = (word >> shift) & mask
+        if taken:
+            word &= ~(mask << shift)
+            self.bits[byte0:byte1] = word.to_bytes(byte1 - byte0, "little")
+        return taken
+
+
 class DirtyLog:
-    """Pages written by the device since the last report, per page size."""
+    """Pages written by the device since the last report, at ``page_size``.
+
+    ``ranges`` (sorted, non-overlapping) are where the client asked for
+    logging; empty means everywhere.
+    """
 
     def __init__(self, page_size: int, ranges: list[tuple[int, int]]) -> None:
         self.page_size = page_size
-        self.ranges = ranges  # sorted, non-overlapping; empty: log everything
-        self.pages: set[int] = set()
+        self.ranges = ranges
+        self.pages: set[int] = set()  # pages outside any bitmap (unbounded ranges)
+        # Each range with its bitmap (None: too large, it logs into pages).
+        self._logged: list[tuple[int, int, _RangeBitmap | None]] = []
+        for start, size in ranges:
+            first, last = start // page_size, (start + size - 1) // page_size
+            small = last - first < _MAX_BITMAP_PAGES
+            bitmap = _RangeBitmap(first, last - first + 1) if small else None
+            self._logged.append((start, size, bitmap))
+        self._maps = [b for _, _, b in self._logged if b is not None]
+        self._starts = [start for start, _, _ in self._logged]
 
     def mark(self, iova: int, length: int) -> None:
         """Record a device write, only where the client asked for logging."""
         if length <= 0:
             return
+        ps = self.page_size
         if not self.ranges:
-            self._mark_pages(iova, iova + length)
+            self.pages.update(range(iova // ps, (iova + length - 1) // ps + 1))
             return
         end = iova + length
-        for start, size in self.ranges:
+        # Ranges are sorted and disjoint: start at the last one beginning at
+        # or before iova (a client may log thousands of ranges).
+        first = max(bisect.bisect_right(self._starts, iova) - 1, 0)
+        for start, size, bitmap in self._logged[first:]:
+            if start >= end:
+                break
             lo, hi = max(start, iova), min(start + size, end)
-            if lo < hi:
-                self._mark_pages(lo, hi)
+            if lo >= hi:
+                continue
+            p0, p1 = lo // ps, (hi - 1) // ps
+            if bitmap is not None:
+                bitmap.mark(p0, p1)
+            else:
+                self.pages.update(range(p0, p1 + 1))
 
-    def _mark_pages(self, start: int, end: int) -> None:
-        first = start // self.page_size
-        last = (end - 1) // self.page_size
-        self.pages.update(range(first, last + 1))
+    def _whole_bitmap(self, first: int, last: int) -> bytes | None:
+        """A report of exactly one bitmap's pages, from a byte boundary: copy and clear."""
+        if self.pages or len(self._maps) != 1:
+            return None
+        bitmap = self._maps[0]
+        if first != bitmap.first or last != bitmap.first + bitmap.npages - 1:
+            return None
+        out = bytes(bitmap.bits)
+        bitmap.bits[:] = bytes(len(bitmap.bits))
+        return out
 
-    def report(self, iova: int, length: int) -> bytes:
-        """Bitmap of dirty pages in [iova, iova+length), clearing them (u64 words)."""
-        first = iova // self.page_size
-        npages = length // self.page_size
-        nbytes = ((npages + 63) // 64) * 8
-        bitmap = bytearray(nbytes)
-        if len(self.pages) < npages:
-            hits = [p for p in self.pages if first <= p < first + npages]
-        else:
-            hits = [p for p in range(first, first + npages) if p in self.pages]
-        for page in hits:
-            bit = page - first
-            bitmap[bit // 8] |= 1 << (bit % 8)
-            self.pages.discard(page)
-        return bytes(bitmap)
+    def _take(self, first: int, last: int) -> int:
+        """Dirty pages first..last as an int (bit 0 = first), clearing them."""
+        found = 0
+        for bitmap in self._maps:
+            lo, hi = max(first, bitmap.first), min(last, bitmap.first + bitmap.npages - 1)
+            if lo <= hi:
+                found |= bitmap.take(lo, hi) << (lo - first)
+        if self.pages:
+            span = last - first + 1
+            if len(self.pages) < span:
+                hits = [p for p in self.pages if first <= p <= last]
+            else:
+                hits = [p for p in range(first, last + 1) if p in self.pages]
+            for page in hits:
+                found |= 1 << (page - first)
+                self.pages.discard(page)
+        return found
+
+    def report(self, iova: int, length: int, page_size: int | None = None) -> bytes:
+        """Bitmap (u64 words) of dirty ``page_size`` pages in [iova, iova+length).
+
+        The client may ask for any page size, not only the one logging runs
+        at: each logged page sets every requested page it overlaps.  Logged
+        pages wholly inside the range are cleared; one that straddles an end
+        of the range stays dirty for the report that covers its other part
+        (reporting a page twice is safe, missing one is not).
+        """
+        page_size = page_size or self.page_size
+        lps = self.page_size
+        end = iova + length
+        nbytes = ((length // page_size + 63) // 64) * 8
+        first, last = iova // lps, (end - 1) // lps
+        if page_size == lps and iova % lps == 0:
+            # The common case: the bits are the answer.
+            whole = self._whole_bitmap(first, last)
+            if whole is not None:
+                return whole.ljust(nbytes, b"\0")
+            return self._take(first, last).to_bytes(nbytes, "little")
+        taken = self._take(first, last)
+        out = 0
+        keep = 0
+        while taken:
+            low = taken & -taken
+            page = first + low.bit_length() - 1
+            taken ^= low
+            start, stop = page * lps, (page + 1) * lps
+            if not (iova <= start and stop <= end):
+                keep |= 1 << (page - first)
+            lo = (max(start, iova) - iova) // page_size
+            hi = (min(stop, end) - 1 - iova) // page_size
+            out |= ((1 << (hi - lo + 1)) - 1) << lo
+        if keep:
+            self._restore(first, keep)
+        return out.to_bytes(nbytes, "little")
+
+    def _restore(self, first: int, bits: int) -> None:
+        """Mark again pages a report read but could not clear."""
+        while bits:
+            low = bits & -bits
+            page = first + low.bit_length() - 1
+            bits ^= low
+            self.mark(page * self.page_size, 1)
+
+    def dirty_pages(self) -> set[int]:
+        """Every page logged dirty (for tests and tools; does not clear)."""
+        found = set(self.pages)
+        for bitmap in self._maps:
+            word = int.from_bytes(bitmap.bits, "little")
+            while word:
+                low = word & -word
+                found.add(bitmap.first + low.bit_length() - 1)
+                word ^= low
+        return found
 
 
 class DmaTable:

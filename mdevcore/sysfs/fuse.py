@@ -1,7 +1,7 @@
 """FUSE transport for a :class:`SysfsTree` (pyfuse3 on trio).
 
 Thin by design: every operation maps onto one tree call.  Choices that
-make it behave like sysfs (see PYSTACK.md section 2):
+make it behave like sysfs (what mdevctl and shells rely on):
 
 - attribute files report size 4096 and are opened ``direct_io`` so every
   read reaches ``show`` and every write(2) is exactly one ``store``;

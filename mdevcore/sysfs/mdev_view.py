@@ -34,6 +34,7 @@ from mdevcore.core import (
     ParentAdded,
     ParentRemoved,
 )
+from mdevcore.kernel_parse import kstrtoul, parse_uuid
 from mdevcore.sysfs.tree import Dir, Node, SysfsTree
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,20 @@ def qemu_device_arg(socket_path: Path | str) -> str:
     )
 
 
-def _rel(from_dir: str, to: str) -> str:
+def create_store(core: MdevCore, parent: str, type_id: str, data: bytes | str) -> MdevDevice:
+    """A write to ``<type>/create``: parse (EINVAL), then create."""
+    return core.create(parent, type_id, parse_uuid(data))
+
+
+def remove_store(core: MdevCore, dev_uuid: uuid.UUID, data: bytes | str) -> None:
+    """A write to ``<device>/remove``: non-zero removes, 0 does nothing (kstrtoul)."""
+    if kstrtoul(data):
+        core.remove(dev_uuid)
+    else:
+        core.device(dev_uuid)  # still ENODEV for a device that is gone
+
+
+def relative_link(from_dir: str, to: str) -> str:
     """Relative symlink target from ``from_dir`` to ``to`` (both root-relative).
 
     posixpath.relpath would do, but it consults the cwd on every call.
@@ -125,7 +139,9 @@ class MdevSysfs:
         for mtype in parent.types.values():
             self._add_type(types, mtype)
         t.add_link(
-            t.directory("class/mdev_bus"), parent.name, _rel("class/mdev_bus", parent.location)
+            t.directory("class/mdev_bus"),
+            parent.name,
+            relative_link("class/mdev_bus", parent.location),
         )
         drv = parent.driver.name
         if self._driver_users.get(drv, 0) == 0:
@@ -139,7 +155,7 @@ class MdevSysfs:
         tdir = t.mkdir(f"{t.path_of(types)}/{tid}")
 
         def create(data: bytes) -> None:
-            core.create_store(pname, tid, data)
+            create_store(core, pname, tid, data)
 
         t.add_attr(tdir, "create", store=create)
         t.add_attr(tdir, "name", lambda: f"{mtype.pretty_name}\n")
@@ -177,7 +193,7 @@ class MdevSysfs:
         ddir = t.mkdir(dev_path, volatile=True)
 
         def remove(data: bytes) -> None:
-            core.remove_store(device.uuid, data)
+            remove_store(core, device.uuid, data)
 
         t.add_attr(ddir, "remove", store=remove, volatile=True)
         t.add_attr(
@@ -188,10 +204,10 @@ class MdevSysfs:
             volatile=True,
         )
         type_path = f"{parent.location}/mdev_supported_types/{device.type.id}"
-        t.add_link(ddir, "mdev_type", _rel(dev_path, type_path), volatile=True)
-        t.add_link(ddir, "subsystem", _rel(dev_path, "bus/mdev"), volatile=True)
+        t.add_link(ddir, "mdev_type", relative_link(dev_path, type_path), volatile=True)
+        t.add_link(ddir, "subsystem", relative_link(dev_path, "bus/mdev"), volatile=True)
         drv_path = f"bus/mdev/drivers/{parent.driver.name}"
-        t.add_link(ddir, "driver", _rel(dev_path, drv_path), volatile=True)
+        t.add_link(ddir, "driver", relative_link(dev_path, drv_path), volatile=True)
         self._add_driver_attrs(ddir, device)
         if self.socket_path is not None:
             sock = self.socket_path(device.uuid)
@@ -200,11 +216,11 @@ class MdevSysfs:
             t.add_attr(vdir, "qemu_device", lambda: f"{qemu_device_arg(sock)}\n", volatile=True)
         # links pointing at the device
         tdevs = self._dir(f"{type_path}/devices")
-        t.add_link(tdevs, name, _rel(f"{type_path}/devices", dev_path), volatile=True)
+        t.add_link(tdevs, name, relative_link(f"{type_path}/devices", dev_path), volatile=True)
         bus = self._dir("bus/mdev/devices")
-        t.add_link(bus, name, _rel("bus/mdev/devices", dev_path), volatile=True)
+        t.add_link(bus, name, relative_link("bus/mdev/devices", dev_path), volatile=True)
         drv_dir = self._dir(drv_path)
-        t.add_link(drv_dir, name, _rel(drv_path, dev_path), volatile=True)
+        t.add_link(drv_dir, name, relative_link(drv_path, dev_path), volatile=True)
 
     def _add_driver_attrs(self, ddir: Dir, device: MdevDevice) -> None:
         t = self.tree

@@ -45,7 +45,7 @@ from mdevcore.pci.bus import (
     PciDriver,
     PciFunction,
 )
-from mdevcore.sysfs.mdev_view import _rel
+from mdevcore.sysfs.mdev_view import relative_link
 from mdevcore.sysfs.tree import Dir, SysfsTree
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,11 @@ class PciSysfs:
         root = f"devices/pci{bus_name}"
         t.mkdir(root, keep=True)
         pci_bus = t.mkdir(f"{root}/pci_bus/{bus_name}", keep=True)
-        t.add_link(pci_bus, "device", _rel(t.path_of(pci_bus), root))
+        t.add_link(pci_bus, "device", relative_link(t.path_of(pci_bus), root))
         t.add_link(
-            t.directory("class/pci_bus"), bus_name, _rel("class/pci_bus", t.path_of(pci_bus))
+            t.directory("class/pci_bus"),
+            bus_name,
+            relative_link("class/pci_bus", t.path_of(pci_bus)),
         )
         self._bus_roots.add(bus_name)
 
@@ -196,16 +198,20 @@ class PciSysfs:
             bus.driver_override_store(fn, data)
 
         t.add_attr(d, "driver_override", show_override, store_override, volatile=True)
-        t.add_link(d, "subsystem", _rel(path, "bus/pci"), volatile=True)
+        t.add_link(d, "subsystem", relative_link(path, "bus/pci"), volatile=True)
         if fn.sriov is not None:
             self._add_sriov_attrs(d, fn)
         if fn.physfn is not None:
             pf_path = device_path(fn.physfn)
-            t.add_link(d, "physfn", _rel(path, pf_path), volatile=True)
+            t.add_link(d, "physfn", relative_link(path, pf_path), volatile=True)
             if fn.vf_index is not None:
                 pf_dir = t.directory(pf_path)
-                t.add_link(pf_dir, f"virtfn{fn.vf_index}", _rel(pf_path, path), volatile=True)
-        t.add_link(t.directory(PCI_DEVICES), fn.name, _rel(PCI_DEVICES, path), volatile=True)
+                t.add_link(
+                    pf_dir, f"virtfn{fn.vf_index}", relative_link(pf_path, path), volatile=True
+                )
+        t.add_link(
+            t.directory(PCI_DEVICES), fn.name, relative_link(PCI_DEVICES, path), volatile=True
+        )
 
     def _add_sriov_attrs(self, d: Dir, pf: PciFunction) -> None:
         t = self.tree
@@ -246,8 +252,8 @@ class PciSysfs:
         path = device_path(fn)
         drv_path = f"{PCI_DRIVERS}/{driver.name}"
         d = t.directory(path)
-        t.add_link(d, "driver", _rel(path, drv_path), volatile=True)
-        t.add_link(t.directory(drv_path), fn.name, _rel(drv_path, path), volatile=True)
+        t.add_link(d, "driver", relative_link(path, drv_path), volatile=True)
+        t.add_link(t.directory(drv_path), fn.name, relative_link(drv_path, path), volatile=True)
         added = []
         for rel, value in driver.device_attributes(fn).items():
             parts = [p for p in rel.split("/") if p]
@@ -275,8 +281,10 @@ class PciSysfs:
         t.add_attr(
             d, "uevent", lambda: f"MODALIAS=auxiliary:{aux.name.rsplit('.', 1)[0]}\n", volatile=True
         )
-        t.add_link(d, "subsystem", _rel(path, "bus/auxiliary"), volatile=True)
-        t.add_link(t.directory(AUX_DEVICES), aux.name, _rel(AUX_DEVICES, path), volatile=True)
+        t.add_link(d, "subsystem", relative_link(path, "bus/auxiliary"), volatile=True)
+        t.add_link(
+            t.directory(AUX_DEVICES), aux.name, relative_link(AUX_DEVICES, path), volatile=True
+        )
 
     def _remove_aux(self, aux: AuxDevice) -> None:
         self._remove_child(AUX_DEVICES, aux.name)
@@ -287,8 +295,8 @@ class PciSysfs:
         assert aux.driver is not None
         path = aux_path(aux)
         drv_path = f"{AUX_DRIVERS}/{aux.driver}"
-        t.add_link(t.directory(path), "driver", _rel(path, drv_path), volatile=True)
-        t.add_link(t.directory(drv_path), aux.name, _rel(drv_path, path), volatile=True)
+        t.add_link(t.directory(path), "driver", relative_link(path, drv_path), volatile=True)
+        t.add_link(t.directory(drv_path), aux.name, relative_link(drv_path, path), volatile=True)
 
     def _unbind_aux(self, aux: AuxDevice, driver: str) -> None:
         self._remove_child(aux_path(aux), "driver")

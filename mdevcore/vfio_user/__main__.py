@@ -7,22 +7,22 @@ exits 0 after removing the socket.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from functools import partial
 
 import trio
 
+from mdevcore.loader import load_object
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.server import DEFAULT_SPIN_US, serve_forever
 
 
 def load_device(spec: str) -> DeviceBackend:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise SystemExit(f"--device wants pkg.module:Class, got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr)
+    try:
+        factory = load_object(spec)
+    except OSError as e:
+        raise SystemExit(f"--device wants pkg.module:Class: {e.strerror}") from None
     device = factory()
     if not isinstance(device, DeviceBackend):
         raise SystemExit(f"{spec} did not build a DeviceBackend")

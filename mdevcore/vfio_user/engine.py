@@ -26,19 +26,9 @@ from typing import Any
 
 from mdevcore.vfio_user import wire
 from mdevcore.vfio_user.backend import (
-    DEVICE_FEATURE_GET,
-    DEVICE_FEATURE_MASK,
-    DEVICE_FEATURE_PROBE,
-    DEVICE_FEATURE_SET,
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
     DMA_UNMAP_FLAG_ALL,
-    IRQ_SET_ACTION_MASK,
-    IRQ_SET_ACTION_TRIGGER,
-    IRQ_SET_ACTION_UNMASK,
-    IRQ_SET_DATA_BOOL,
-    IRQ_SET_DATA_EVENTFD,
-    IRQ_SET_DATA_NONE,
     REGION_FLAG_MMAP,
     DeviceBackend,
     DmaMapping,
@@ -67,16 +57,12 @@ from mdevcore.vfio_user.negotiate import (
     parse_version_json,
     server_caps_json,
 )
+from mdevcore.vfio_user.validate import check_device_feature, check_set_irqs
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS, RawMessage
 
 log = logging.getLogger(__name__)
 
 _DMA_MAP_KNOWN = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE | DMA_MAP_FLAG_MMAP | DMA_MAP_FLAG_FILE_IO
-_IRQ_DATA = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD
-_IRQ_ACTION = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER
-_FEATURE_KNOWN = (
-    DEVICE_FEATURE_MASK | DEVICE_FEATURE_GET | DEVICE_FEATURE_SET | DEVICE_FEATURE_PROBE
-)
 
 
 class RequestError(Exception):
@@ -523,27 +509,11 @@ class Connection:
             raise _bad("SET_IRQS body too short")
         req = wire.SetIrqs.parse(p[: wire.SET_IRQS_SIZE])
         data = p[wire.SET_IRQS_SIZE :]
-        flags, count = req.flags, req.count
         if req.argsz < wire.SET_IRQS_SIZE or req.argsz != len(p):
             raise _bad(f"SET_IRQS argsz {req.argsz} for a {len(p)}-byte body")
-        if flags & ~(_IRQ_DATA | _IRQ_ACTION):
-            raise _bad(f"SET_IRQS unknown flags {flags:#x}")
-        if (flags & _IRQ_DATA).bit_count() != 1 or (flags & _IRQ_ACTION).bit_count() != 1:
-            raise _bad(f"SET_IRQS needs one data and one action flag, got {flags:#x}")
-        if count == 0 and flags != IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER:
-            raise _bad("SET_IRQS count 0 is only for DATA_NONE|TRIGGER (disable)")
-        expect_data = count if flags & IRQ_SET_DATA_BOOL else 0
-        if len(data) != expect_data:
-            raise _bad(f"SET_IRQS carries {len(data)} data bytes, expected {expect_data}")
-        if flags & IRQ_SET_DATA_EVENTFD:
-            if len(msg.fds) not in (0, count):
-                raise _bad(f"SET_IRQS {len(msg.fds)} eventfds for count {count}")
-        elif msg.fds:
-            raise _bad("SET_IRQS fds without DATA_EVENTFD")
         info = self.backend.irq_info(req.index)
-        if req.start + count > info.count:
-            raise _bad(f"SET_IRQS start {req.start} + count {count} > {info.count}")
-        self.backend.set_irqs(req.index, flags, req.start, count, data, msg.fds)
+        check_set_irqs(req.flags, req.start, req.count, len(data), len(msg.fds), info.count)
+        self.backend.set_irqs(req.index, req.flags, req.start, req.count, data, msg.fds)
         return b"", ()
 
     # --- DMA --------------------------------------------------------------
@@ -584,14 +554,7 @@ class Connection:
         p = msg.payload
         req = _fixed_request(p, wire.DeviceFeature, wire.DEVICE_FEATURE_SIZE, "DEVICE_FEATURE")
         flags = req.flags
-        if flags & ~_FEATURE_KNOWN:
-            raise _bad(f"DEVICE_FEATURE unknown flags {flags:#x}")
-        get_set = flags & (DEVICE_FEATURE_GET | DEVICE_FEATURE_SET)
-        if not flags & DEVICE_FEATURE_PROBE and get_set in (
-            0,
-            DEVICE_FEATURE_GET | DEVICE_FEATURE_SET,
-        ):
-            raise _bad("DEVICE_FEATURE needs exactly one of GET/SET (or PROBE)")
+        check_device_feature(flags)
         result = self.backend.device_feature(flags, p[wire.DEVICE_FEATURE_SIZE :])
         needed = wire.DEVICE_FEATURE_SIZE + len(result)
         if req.argsz < needed:
@@ -625,7 +588,7 @@ class Connection:
         if req.size != len(p) - wire.MIG_DATA_SIZE or req.argsz < wire.MIG_DATA_SIZE + req.size:
             raise _bad("MIG_DATA_WRITE size/argsz do not match the data")
         self.backend.mig_data_write(p[wire.MIG_DATA_SIZE :])
-        return wire.MigData.build({"argsz": wire.MIG_DATA_SIZE, "size": req.size}), ()
+        return b"", ()  # the spec's MIG_DATA_WRITE reply carries no payload
 
     def _version_again(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
         raise _bad("VERSION after negotiation")

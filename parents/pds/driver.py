@@ -27,7 +27,6 @@ from mdevcore.daemon.devlink import BoolParam, DevlinkError, DevlinkRegistry
 from mdevcore.daemon.hosts import HostContext
 from mdevcore.pci.bus import AuxDevice, PciBus, PciDriver, PciFunction, PciId, Sriov
 from mdevcore.sysfs.mdev_view import qemu_device_arg
-from mdevcore.sysfs.pci_view import PciSysfs
 from mdevcore.vfio_user.backend import DeviceBackend
 from parents.pds.pf import PDS_CORE_PF_DEVICE_ID, PdsConfig, PdsCorePf
 from parents.pds.vf import NVME_CLASS_CODE, PDS_NVME_VF_DEVICE_ID, PENSANDO_VENDOR_ID
@@ -179,9 +178,8 @@ class PdsHost:
 
     def __init__(self, config: PdsConfig) -> None:
         self.config = config
-        self.bus = PciBus()
+        self.bus = PciBus()  # replaced by the daemon's at start
         self.pf: PciFunction | None = None
-        self.view: PciSysfs | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, str], run_dir: Path) -> PdsHost:
@@ -199,8 +197,7 @@ class PdsHost:
         return cls(PdsConfig(backing_dir=backing, **kwargs))  # type: ignore[arg-type]
 
     def start(self, ctx: HostContext) -> None:
-        bus = self.bus
-        self.view = PciSysfs(bus, ctx.tree)
+        bus = self.bus = ctx.bus
         # Modules load in this order: the PF driver, the host nvme driver, pds_vfio.
         bus.register_driver(PdsCoreDriver(bus, ctx.devlink))
         bus.register_driver(NvmeHostDriver())
@@ -225,9 +222,6 @@ class PdsHost:
             self.bus.remove_function(self.pf)
             self.pf.device.close()
             self.pf = None
-        if self.view is not None:
-            self.view.close()
-            self.view = None
 
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -116,7 +116,7 @@ class PdsCorePf(PciDevice):
 
     def vf_gone(self, index: int, device: PciDevice) -> None:
         self.vfs.pop(index, None)
-        device.close()
+        device.close()  # the bus removed the function: nothing serves it any more
 
     # --- live migration -------------------------------------------------------------
 
@@ -126,7 +126,4 @@ class PdsCorePf(PciDevice):
             self._apply_lm(index)
 
     def _apply_lm(self, index: int) -> None:
-        vf = self.vfs[index]
-        # An instance attribute shadows the class's offer (PciDevice reads
-        # self.migration_flags for DEVICE_FEATURE); the class keeps the offer.
-        vf.migration_flags = type(vf).migration_flags if self.enable_lm else 0
+        self.vfs[index].set_migratable(self.enable_lm)

@@ -36,6 +36,7 @@ from mdevcore.nvme.spec import DOORBELL_BASE
 from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_STOP_COPY, MigState
+from mdevcore.pci.msix import MsixTable
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,11 @@ class VfConfig:
 
 STATE_MAGIC = b"PDS-NVME-VF/1\n"
 MAX_STATE_BYTES = 4 << 20
-# Migration states in which the controller executes commands.
-_EXECUTING = (MigState.RUNNING, MigState.RUNNING_P2P, MigState.PRE_COPY)
+# Migration states in which the controller executes commands (and so
+# DMAs).  RUNNING_P2P is not one of them: the uAPI lets a device in P2P take
+# MMIO but not start new DMA, so doorbells rung there are only latched and
+# served on the way back to RUNNING (or travel in the state).
+_EXECUTING = (MigState.RUNNING, MigState.PRE_COPY)
 
 
 class PdsNvmeVf(PciDevice):
@@ -88,7 +92,12 @@ class PdsNvmeVf(PciDevice):
 
     The migration stream is the controller state (mdevcore.nvme.state) plus
     config space and the MSI-X table; namespace data stays in the backing
-    file, which both ends share.
+    file, which both ends share.  Commands execute only in RUNNING (and
+    PRE_COPY): in RUNNING_P2P and the stopped states BAR0 writes are still
+    taken and doorbells latched, but nothing touches guest memory until the
+    device runs again, here or (through the state) on the destination.
+    Every write into guest memory goes through mdevcore.nvme.prp.translate,
+    which logs its pages as dirty.
     """
 
     migration_flags = MIGRATION_STOP_COPY | MIGRATION_P2P
@@ -142,6 +151,7 @@ class PdsNvmeVf(PciDevice):
                 doorbells=doorbells,
                 irq_vectors=self._usable_vectors,
                 level_irq=self._intx_mode,
+                may_dma=lambda: self.mig_state in _EXECUTING,
                 name=name,
             )
         except BaseException:
@@ -212,11 +222,20 @@ class PdsNvmeVf(PciDevice):
                 self.controller.kick_interrupts()
             self._wake.set()  # doorbells rung while stopped are served now
 
+    def _geometry(self) -> list[object]:
+        """What the guest saw of this VF beyond its registers: it must not change."""
+        vf = self.vf
+        return [vf.size, vf.lba_size, vf.io_queues, vf.queue_entries, self.mode.value]
+
     def save_state(self) -> bytes:
         blob = {
+            "vf": self._geometry(),
             "controller": self.controller.save_state(),
             "config": self.config.read(0, self.config.size).hex(),
-            "msix_table": bytes(self._msix_table).hex(),
+            "msix_table": self._msix().snapshot().hex(),
+            # Whether the client programs the table through the BAR (then its
+            # mask bits count) or emulates it as QEMU does (they do not).
+            "msix_owned": self._msix().owned,
         }
         return STATE_MAGIC + json.dumps(blob, separators=(",", ":")).encode()
 
@@ -227,12 +246,21 @@ class PdsNvmeVf(PciDevice):
             blob = json.loads(data[len(STATE_MAGIC) :])
             config = bytes.fromhex(blob["config"])
             msix_table = bytes.fromhex(blob["msix_table"])
+            msix_owned = blob["msix_owned"]
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             # RecursionError: a crafted stream can nest JSON arrays deeper than
             # the decoder's limit; that is bad input, not a device failure.
             raise OSError(errno.EINVAL, f"pds NVMe VF state unreadable: {exc}") from None
-        if len(config) != self.config.size or len(msix_table) != len(self._msix_table):
+        if not isinstance(msix_owned, bool):
+            raise OSError(errno.EINVAL, "pds NVMe VF state: msix_owned is not a boolean")
+        if len(config) != self.config.size or len(msix_table) != len(self._msix().entries):
             raise OSError(errno.EINVAL, "pds NVMe VF state from a different device layout")
+        if blob.get("vf") != self._geometry():
+            # Namespace size, LBA format, queue limits or doorbell mode differ:
+            # the guest's driver would find another device under it.
+            raise OSError(
+                errno.EINVAL, f"pds NVMe VF state for {blob.get('vf')!r}, not {self._geometry()}"
+            )
         # Config space first: the controller checks vectors against MSI-X.
         previous = self.config.read(0, self.config.size)
         self.config.update(0, config)
@@ -241,18 +269,26 @@ class PdsNvmeVf(PciDevice):
         except OSError:
             self.config.update(0, previous)
             raise
-        self._msix_table[:] = msix_table
+        self._msix().restore(msix_table)
+        self._msix().owned = msix_owned
         self._restored = True
         log.info("%s: state restored", self.name)
 
-    def close(self) -> None:
-        self.controller.close()
-        self.namespace.close()
-        super().close()
+    def _msix(self) -> MsixTable:
+        assert self.msix_table is not None  # the VF always has MSI-X
+        return self.msix_table
+
+    def on_close(self) -> None:
+        # Also reached when __init__ failed before the controller existed
+        # (that path closes its namespace itself).
+        controller = getattr(self, "controller", None)
+        if controller is not None:
+            controller.close()
+            self.namespace.close()
 
     # --- processing -------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def background(self) -> None:
         """Execute commands as doorbells move, and fire timed interrupts."""
         ctrl = self.controller
         idle_since = trio.current_time()

@@ -1,7 +1,8 @@
-"""The mtty sample: a PCI card with one or two 16550A ports looping back.
+"""The mtty sample: a PCI card with one or two serial ports looping back.
 
-``uart.py`` is the 16550A, ``device.py`` the PCI card (MttyDevice) and the
-parent driver (MttyDriver) the daemon registers as PARENT_NAME at SYSFS_PATH.
+``uart.py`` is one port (16550A registers, mtty.c's behaviour), ``device.py``
+the PCI card (MttyDevice) and the parent driver (MttyDriver) the daemon
+registers as PARENT_NAME at SYSFS_PATH.
 """
 
 from .device import MAX_PORTS, PARENT_NAME, SYSFS_PATH, MttyDevice, MttyDriver

@@ -2,24 +2,36 @@
 
 This is the userspace twin of Linux's samples/vfio-mdev/mtty.c: a PCI
 serial card the guest's own 8250_pci driver binds to (it claims the WCH
-CH352 IDs), with one or two 16550A ports (see ``uart.py``) whose transmit
-line is looped back to their receive line.
+CH352 IDs), with one or two 16550A-compatible ports (see ``uart.py``)
+whose transmit line is looped back to their receive line.
 
-Interrupts: each port has an interrupt output; the card ORs them into one
-line, like a real card's INTA#.  With INTx the line is a level
-(``set_intx``): it fires when it rises, auto-masks, and when the client
-unmasks it while the line is still high it fires again, as a
-level-triggered PCI line would, so an event that arrived during the
-guest's handler is never lost.  If the client wired up the MSI eventfd
-instead (mtty.c offers one vector without an MSI capability), each rising
-edge sends one message.
+Register accesses are mtty.c's: an access of several bytes is split as
+mtty_read/mtty_write split it (4 bytes where 4-aligned, else 2 where
+2-aligned, else 1), and each piece is one access to the register at its
+first byte: a write uses the low byte, a read returns the register in the
+low byte and 0 above (mtty.c leaves those bytes uninitialised).
 
-Where this differs from mtty.c, on purpose: the 16550A is modelled as the
-chip behaves (see uart.py) rather than as mtty.c approximates it; the
-config region is 256 bytes, not 255; DEVICE_INFO offers RESET so QEMU
-resets the card (mtty.c ignores the UARTs on reset); the migration header
-is mtty.c's, but the whole stream is produced at STOP_COPY (nothing in
-PRE_COPY) and the per-port records are this model's own.
+Interrupts are events, as in mtty.c's mtty_trigger_interrupt: each time a
+port raises one (see uart.py for when) the card sends one MSI message if
+the client wired the MSI eventfd (mtty.c offers one vector without an MSI
+capability), else one INTx signal, which auto-masks until the client
+unmasks it.  There is no line level: unmasking does not signal again by
+itself.  One difference, from PciDevice: an INTx raised while masked is
+delivered at the unmask, where mtty.c drops it.
+
+Reset: as with mtty.c, DEVICE_RESET returns the migration state to
+RUNNING and leaves the ports as they are.
+
+Migration: mtty.c's stream, byte for byte.  Its ``struct mtty_data`` header
+(magic, version 1.0, nr_ports, flags) is the PRE_COPY data; the ports, each
+a ``struct serial_port`` (uart.py), follow at STOP_COPY.  Going to
+STOP_COPY straight from STOP gives header and ports there.  The resume side
+checks the header, the length and every port field before changing
+anything, and refuses a bad stream with EINVAL.
+
+Where this still differs from mtty.c, outside this file's reach (PciDevice
+owns them): the config region is 256 bytes, not 255, and DEVICE_INFO
+offers RESET.  And the one difference in uart.py: a full FIFO reads as full.
 """
 
 from __future__ import annotations
@@ -29,13 +41,18 @@ import logging
 import struct
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
-from mdevcore.driver import MdevTypeSpec
+from mdevcore.driver import MdevDriver, MdevTypeSpec
 from mdevcore.pci import config as cfg
-from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
-from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY
-from mdevcore.vfio_user import backend as vfio
+from mdevcore.pci.device import BarKind, Irq, PciDevice, PciIdentity
+from mdevcore.pci.migration import (
+    MIGRATION_P2P,
+    MIGRATION_PRE_COPY,
+    MIGRATION_STOP_COPY,
+    SAVING_STATES,
+    MigState,
+)
 from mdevcore.vfio_user.backend import DeviceBackend
 
 from .uart import STATE_SIZE, Uart16550
@@ -68,7 +85,8 @@ VENDOR_BYTES: tuple[tuple[int, bytes], ...] = (
 )
 
 # Migration stream: the kernel sample's struct mtty_data header
-# (magic, major, minor, nr_ports, flags), then each port's Uart16550.save().
+# (magic, major, minor, nr_ports, flags), then each port's struct
+# serial_port (Uart16550.save()).
 MIG_MAGIC = 0x7E9D09898C3E2C4E
 MIG_MAJOR = 1
 MIG_MINOR = 0
@@ -76,16 +94,14 @@ _MIG_HEADER = struct.Struct("<QIIII")
 
 
 class MttyDevice(PciDevice):
-    """One mtty card with ``nr_ports`` (1 or 2) looped-back 16550A ports."""
+    """One mtty card with ``nr_ports`` (1 or 2) looped-back serial ports."""
 
     migration_flags = MIGRATION_STOP_COPY | MIGRATION_P2P | MIGRATION_PRE_COPY
 
     def __init__(self, nr_ports: int, *, name: str = "mtty") -> None:
         if nr_ports not in (1, 2):
             raise OSError(errno.EINVAL, f"mtty has 1 or 2 ports, not {nr_ports}")
-        super().__init__(IDENTITY)
-        self.name = name
-        self.log.extra = {"device": name}
+        super().__init__(IDENTITY, name=name)
         self.nr_ports = nr_ports
         for bar in range(nr_ports):
             self.add_bar(bar, IO_BAR_SIZE, BarKind.IO)
@@ -103,80 +119,71 @@ class MttyDevice(PciDevice):
         # IRQ indexes as the kernel sample reports them: one MSI vector
         # although config space has no MSI capability (a client may still
         # wire it up), and no ERR/REQ interrupts.
-        self.irqs.resize(vfio.PCI_MSI_IRQ_INDEX, 1)
-        self.irqs.resize(vfio.PCI_ERR_IRQ_INDEX, 0)
-        self.irqs.resize(vfio.PCI_REQ_IRQ_INDEX, 0)
-        self._line = False
-        self.ports = [Uart16550(self._port_irq) for _ in range(nr_ports)]
+        self.declare_irqs(Irq.MSI, 1)
+        for absent in (Irq.MSIX, Irq.ERR, Irq.REQ):
+            self.declare_irqs(absent, None)  # GET_IRQ_INFO: EINVAL, as mtty.c
+        self.ports = [Uart16550(self._port_interrupt) for _ in range(nr_ports)]
+        self._header_sent = False  # this saving session's header went out in PRE_COPY
 
     # --- BAR accesses: BAR n is port n -------------------------------------
 
     def bar_read(self, bar: int, offset: int, size: int) -> bytes:
-        # A wide access to an 8-bit device is a run of byte accesses.
         port = self._uart(bar)
-        return bytes(port.read(offset + i) for i in range(size))
+        out = bytearray()
+        for pos, width in _chunks(offset, size):
+            # One register access per chunk, its value in the low byte; the
+            # rest of the chunk is 0 (mtty.c leaves it uninitialised).
+            out += port.read(pos).to_bytes(width, "little")
+        return bytes(out)
 
     def bar_write(self, bar: int, offset: int, data: bytes) -> None:
         port = self._uart(bar)
-        for i, byte in enumerate(data):
-            port.write(offset + i, byte)
+        for pos, _width in _chunks(offset, len(data)):
+            # mtty.c writes only the chunk's low byte, to its first register.
+            port.write(pos, data[pos - offset])
 
     def on_reset(self) -> None:
-        self.log.info("reset: ports back to power-on state")
-        for port in self.ports:
-            port.reset()
+        # mtty.c's VFIO_DEVICE_RESET returns migration to RUNNING (PciDevice
+        # does that) and leaves the ports as they are: so does this card.
+        self.log.info("reset: ports keep their state, as with mtty.c")
 
     # --- interrupts -----------------------------------------------------------
 
-    def irq_info(self, index: int) -> vfio.IrqInfo:
-        # mtty.c answers GET_IRQ_INFO only for INTx and MSI; EINVAL otherwise.
-        if index not in (vfio.PCI_INTX_IRQ_INDEX, vfio.PCI_MSI_IRQ_INDEX):
-            raise OSError(errno.EINVAL, f"{self.name}: no IRQ info for index {index}")
-        return super().irq_info(index)
-
-    def set_irqs(
-        self, index: int, flags: int, start: int, count: int, data: bytes, fds: Sequence[int]
-    ) -> None:
-        super().set_irqs(index, flags, start, count, data, fds)
-        # The client may have switched between INTx and MSI while the line
-        # was high: the INTx level must follow whichever is in use now.
-        self._drive_intx()
-
-    def _port_irq(self, level: bool) -> None:
-        line = any(p.irq_level for p in self.ports)
-        if line == self._line:
-            return
-        self._line = line
-        if self._msi_in_use():
-            # MSI is an edge: one message per rising edge of the line.
-            if line:
-                self.trigger(vfio.PCI_MSI_IRQ_INDEX, 0)
-        self._drive_intx()
-
-    def _msi_in_use(self) -> bool:
-        return self.irqs.active_index() == vfio.PCI_MSI_IRQ_INDEX
-
-    def _drive_intx(self) -> None:
-        # INTx is a level: PciDevice re-signals on every unmask while high.
-        want = self._line and not self._msi_in_use()
-        if self.irqs.intx_level != want:
-            self.set_intx(want)
-
-    @property
-    def irq_line(self) -> bool:
-        """The card's interrupt output (OR of the ports')."""
-        return self._line
+    def _port_interrupt(self) -> None:
+        # mtty_trigger_interrupt: one MSI message, or one INTx signal that
+        # auto-masks; nothing while no eventfd is set up.  (An INTx raised
+        # while masked is delivered at unmask by PciDevice, where mtty.c drops
+        # it: at worst the guest sees one interrupt more, never one less.)
+        if self.irq_in_use() is not None:
+            self.raise_irq(0)
 
     # --- migration --------------------------------------------------------------
 
+    def on_migration_state(self, old: MigState, new: MigState) -> None:
+        # Called before PciDevice fills the stream for this arc.  Reaching
+        # STOP_COPY from a pre-copy state, the header is already out.
+        self._header_sent = old in SAVING_STATES and new == MigState.STOP_COPY
+
+    def save_precopy(self) -> bytes:
+        """PRE_COPY data: mtty.c's header, the whole of its initial bytes."""
+        return self._header()
+
     def save_state(self) -> bytes:
-        header = _MIG_HEADER.pack(MIG_MAGIC, MIG_MAJOR, MIG_MINOR, self.nr_ports, 0)
-        return header + b"".join(port.save() for port in self.ports)
+        """STOP_COPY data: the ports, preceded by the header unless PRE_COPY sent it."""
+        ports = b"".join(port.save() for port in self.ports)
+        if self._header_sent:
+            self._header_sent = False
+            return ports
+        return self._header() + ports
+
+    def migration_data_size(self) -> int:
+        # mtty_get_data_size: the whole struct mtty_data, header included.
+        return _MIG_HEADER.size + self.nr_ports * STATE_SIZE
 
     def load_state(self, data: bytes) -> None:
-        expected = _MIG_HEADER.size + self.nr_ports * STATE_SIZE
-        if len(data) != expected:
-            raise OSError(errno.EINVAL, f"mtty state is {len(data)} bytes, expected {expected}")
+        expected = self.migration_data_size()
+        if len(data) < _MIG_HEADER.size:
+            raise OSError(errno.EINVAL, f"mtty state is {len(data)} bytes: no header")
         magic, major, minor, nr_ports, flags = _MIG_HEADER.unpack_from(data)
         if magic != MIG_MAGIC or (major, minor) != (MIG_MAJOR, MIG_MINOR) or flags:
             raise OSError(errno.EINVAL, "mtty state: bad magic, version or flags")
@@ -184,14 +191,21 @@ class MttyDevice(PciDevice):
             raise OSError(
                 errno.EINVAL, f"mtty state is for {nr_ports} ports, device has {self.nr_ports}"
             )
-        # Validate every port before touching any, so a bad stream changes nothing.
-        staged = [Uart16550() for _ in self.ports]
-        for i, port in enumerate(staged):
-            start = _MIG_HEADER.size + i * STATE_SIZE
-            port.load(data[start : start + STATE_SIZE])
-        for port, new in zip(self.ports, staged, strict=True):
-            port.load(new.save())
+        if len(data) != expected:
+            raise OSError(errno.EINVAL, f"mtty state is {len(data)} bytes, expected {expected}")
+        # Parse every port before touching any, so a bad stream changes nothing.
+        records = [
+            data[_MIG_HEADER.size + i * STATE_SIZE : _MIG_HEADER.size + (i + 1) * STATE_SIZE]
+            for i in range(self.nr_ports)
+        ]
+        for record in records:
+            Uart16550.parse(record)  # raises before any port is touched
+        for port, record in zip(self.ports, records, strict=True):
+            port.load(record)
         self.log.info("state of %d port(s) loaded", self.nr_ports)
+
+    def _header(self) -> bytes:
+        return _MIG_HEADER.pack(MIG_MAGIC, MIG_MAJOR, MIG_MINOR, self.nr_ports, 0)
 
     # --- helpers -------------------------------------------------------------
 
@@ -201,7 +215,21 @@ class MttyDevice(PciDevice):
         return self.ports[bar]
 
 
-class MttyDriver:
+def _chunks(offset: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, width) of each access mtty.c makes of a ``size``-byte one.
+
+    Like mtty_read/mtty_write: 4 bytes where 4-aligned with 4 left, else 2
+    where 2-aligned with 2 left, else 1.
+    """
+    end = offset + size
+    while offset < end:
+        left = end - offset
+        width = 4 if left >= 4 and offset % 4 == 0 else 2 if left >= 2 and offset % 2 == 0 else 1
+        yield offset, width
+        offset += width
+
+
+class MttyDriver(MdevDriver):
     """The "mtty" parent: types mtty-1 and mtty-2 over a pool of 24 ports."""
 
     name = PARENT_NAME
@@ -245,8 +273,6 @@ class MttyDriver:
 
     def remove(self, uuid: uuid.UUID, device: DeviceBackend) -> None:
         self._release(uuid)
-        if isinstance(device, MttyDevice):
-            device.close()  # drop the eventfds it still holds
         log.info("mtty %s: removed, %d port(s) free", uuid, self._free)
 
     def device_attributes(self, uuid: uuid.UUID, device: DeviceBackend) -> Mapping[str, str]:

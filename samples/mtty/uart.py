@@ -1,81 +1,92 @@
-"""A 16550A UART with its transmitter wired straight back to its receiver.
+"""One serial port of the mtty card, register for register as Linux's mtty.c.
 
 Pure state machine: the guest's port reads and writes come in through
 :meth:`Uart16550.read` / :meth:`Uart16550.write` (offset 0-7, one byte each)
-and the interrupt output comes out through a callback.  No I/O, no time.
+and interrupts come out through a callback.  No I/O, no time.
 
-What the guest's 8250 driver relies on, and how this model provides it:
+The kernel sample (samples/vfio-mdev/mtty.c) is not a full 16550A: it is a
+loopback buffer behind the 16550 register file, and a guest sees exactly
+what it computes.  This model reproduces that:
 
-* Every byte written to THR is "sent" at once and lands in the 16-byte RX
-  FIFO (a loopback cable with infinite baud rate).  So THR/TX are always
-  empty when the guest looks: LSR.THRE and LSR.TEMT always read 1, and a
-  THRE interrupt is pending again right after every THR write.  A byte that
-  finds the RX FIFO full is lost and sets LSR.OE (16 fit, the 17th
-  overruns); with FIFOs disabled the holding register is overwritten.
-* RX interrupt: "data available" when the FIFO holds at least the FCR
-  trigger level (1/4/8/14).  Below the trigger a real 16550 raises the
-  character-timeout interrupt after 4 idle character times; on this line no
-  time passes between characters, so the timeout is taken as already expired
-  and reported (IIR 0x0c) whenever data sits below the trigger level.  The
-  8250 driver treats both codes the same way: it drains RX while LSR.DR.
-  (The kernel's mtty sample gets the same effect by forcing the trigger
-  level to 1.)
-* The interrupt output is a level: high while any source enabled in IER is
-  pending.  ``on_irq(level)`` is called on every change, so the device can
-  signal an edge (MSI) or drive a line that it re-signals when INTx is
-  unmasked while still high (what a real level-triggered card does).
-* IIR reports only the highest-priority pending source, as the 16550 does:
-  line status (overrun) > RX data (trigger level, then timeout) > THR empty
-  > modem status.  Reading IIR clears a THRE interrupt it reported; reading
-  LSR clears OE; reading MSR clears its delta bits; reading RBR drains RX.
-* Modem inputs are what the kernel sample reports: DCD, DSR and CTS asserted
-  (CTS follows RX FIFO room when MCR.AFE is set).  In loop mode (MCR bit 4)
-  they follow the MCR outputs instead, as on the chip: CTS=RTS, DSR=DTR,
-  RI=OUT1, DCD=OUT2.  A change latches the MSR delta bits, which raise the
-  modem-status interrupt until MSR is read.  At power-on the lines rise from
-  0, so the first MSR read shows DCTS/DDSR/DDCD.
-* OUT2 is stored and looped back but does not gate the interrupt: that gate
-  is a PC motherboard (ISA) convention, not part of a PCI serial card.
+* State is mtty.c's ``struct serial_port``: the register bytes (IER, LCR,
+  MCR, SCR), a 16-byte ring (head, tail, count), the DLAB flag, the overrun
+  flag, the divisor, FCR, the FIFO depth and the RX trigger level.  At
+  power-on everything is 0 except the depth, which is 16: the FIFO holds 16
+  bytes before the guest ever writes FCR, and the trigger level is 0.
+* THR: a byte written is appended to the ring (transmit is receive).  If the
+  ring already holds ``depth`` bytes the new byte is dropped, the oldest
+  kept, and the overrun flag set; a byte that fits clears it.  Nothing else
+  clears overrun (not an LSR read).
+* RBR: takes the oldest byte; an empty ring reads 0 (mtty.c leaves the byte
+  unwritten, i.e. whatever was on its stack).
+* FCR: either clear bit empties the ring; bit 0 sets the depth to 16, else 1
+  (a smaller depth keeps bytes already queued).  The trigger bits are parsed
+  and then ignored: every FCR write sets the trigger level to 1.
+* LCR: any write with DLAB (bit 7) set zeroes the divisor; while DLAB is
+  set, writes to offsets 0 and 1 OR the byte into its low / high half and
+  reads return the halves.  IER reads back its low nibble, MCR and LCR and
+  SCR the whole byte.
+* LSR: DR while the ring holds a byte, OE while the overrun flag is set,
+  THRE and TEMT while the ring is empty (the transmitter *is* the ring).
+* MSR: always DCD, DSR and DDSR, plus CTS and DCTS, except with MCR.AFE set
+  and the ring full.  No loop mode, no deltas cleared by reading.
+* IIR: computed on every read, no side effect.  mtty.c ORs the codes of all
+  pending sources: overrun with IER.RLSI (0x06), ring count >= trigger level
+  with IER.RDI (0x04), empty ring with IER.THRI (0x02), MCR.RTS|DTR with
+  IER.MSI (0x00, so it never shows); 0x01 if that OR is 0; bits 6-7 always
+  set.  With one source that reads as the 16550's priority order; RX data
+  and THRE together (trigger level 0, before any FCR write) read as 0x06.
+* Interrupts are events, not a level, raised at the moments mtty.c raises
+  them: a THR write that brings the count to the trigger level (IER.RDI), a
+  THR write that overruns (IER.RLSI), every IER write with THRI set while
+  the ring is empty, every RBR read that leaves the ring empty (IER.THRI),
+  and an MCR write with IER.MSI: once if OUT2 is set, once more if RTS or
+  DTR is.  Note the trigger level 0 of power-on: no RX interrupt until the
+  guest writes FCR.
+
+One deliberate difference: mtty.c tells "has data" by head != tail, so its
+ring with 16 bytes in it (head == tail again) reads as empty - LSR shows no
+data, RBR returns nothing, and the bytes stay stuck until FCR clears them.
+The guest's 8250 driver sends 16 bytes per THRE interrupt, so that would
+lose its data; this model uses the count (a full ring has data, THRE clear).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
 import struct
 from collections.abc import Callable
 
 # Register offsets (reading / writing side where they differ).
-RBR_THR = 0  # DLL when LCR.DLAB
-IER = 1  # DLM when LCR.DLAB
+RBR_THR = 0  # divisor low byte when LCR.DLAB
+IER = 1  # divisor high byte when LCR.DLAB
 IIR_FCR = 2
 LCR = 3
 MCR = 4
 LSR = 5
 MSR = 6
 SCR = 7
+NR_REGS = 8
 
 FIFO_SIZE = 16
 
-IER_RDI = 0x01  # received data available (and timeout)
+IER_RDI = 0x01  # received data available
 IER_THRI = 0x02  # transmitter holding register empty
 IER_RLSI = 0x04  # receiver line status
 IER_MSI = 0x08  # modem status
-IER_MASK = 0x0F  # bits 4-7 do not exist on the 16550A and read 0
+IER_READ_MASK = 0x0F
 
 IIR_NO_INT = 0x01
 IIR_MSI = 0x00
 IIR_THRI = 0x02
 IIR_RDI = 0x04
 IIR_RLSI = 0x06
-IIR_RX_TIMEOUT = 0x0C
-IIR_FIFOS_ENABLED = 0xC0
+IIR_FIFO_BITS = 0xC0  # mtty.c sets them whatever FCR says
 
 FCR_ENABLE_FIFO = 0x01
 FCR_CLEAR_RCVR = 0x02
 FCR_CLEAR_XMIT = 0x04
-TRIGGER_LEVELS = (1, 4, 8, 14)  # FCR bits 6-7
 
 LCR_DLAB = 0x80
 
@@ -83,9 +94,8 @@ MCR_DTR = 0x01
 MCR_RTS = 0x02
 MCR_OUT1 = 0x04
 MCR_OUT2 = 0x08
-MCR_LOOP = 0x10
-MCR_AFE = 0x20  # auto flow control (honoured by the kernel sample for CTS)
-MCR_MASK = 0x3F
+MCR_LOOP = 0x10  # stored, has no effect (mtty.c has no loop mode)
+MCR_AFE = 0x20  # auto flow control: CTS follows ring room
 
 LSR_DR = 0x01
 LSR_OE = 0x02
@@ -94,77 +104,65 @@ LSR_TEMT = 0x40
 
 MSR_DCTS = 0x01
 MSR_DDSR = 0x02
-MSR_TERI = 0x04
-MSR_DDCD = 0x08
 MSR_CTS = 0x10
 MSR_DSR = 0x20
-MSR_RI = 0x40
 MSR_DCD = 0x80
 
-IrqCallback = Callable[[bool], None]
+# The trigger level after any FCR write, and at power-on (never written).
+TRIGGER_LEVEL = 1
+POWER_ON_TRIGGER_LEVEL = 0
+
+InterruptCallback = Callable[[], None]
 
 
 @dataclasses.dataclass(slots=True)
 class UartState:
-    """Everything a 16550A holds; power-on values are the defaults."""
+    """mtty.c's ``struct serial_port``, field for field; defaults are power-on."""
 
-    rx: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
-    ier: int = 0
-    lcr: int = 0
-    mcr: int = 0
-    scr: int = 0
-    dll: int = 0
-    dlm: int = 0
-    fifo_enabled: bool = False
-    trigger_level: int = 1
-    overrun: bool = False  # LSR.OE, until LSR is read
-    thre_pending: bool = False  # THRE interrupt latched, until IIR/THR
-    msr_delta: int = 0  # MSR bits 0-3, until MSR is read
-    modem_inputs: int = 0  # MSR bits 4-7 as last seen (to find changes)
+    uart_reg: bytearray = dataclasses.field(default_factory=lambda: bytearray(NR_REGS))
+    fifo: bytearray = dataclasses.field(default_factory=lambda: bytearray(FIFO_SIZE))
+    head: int = 0  # next slot a THR write fills
+    tail: int = 0  # next slot an RBR read takes
+    count: int = 0
+    dlab: bool = False
+    overrun: bool = False
+    divisor: int = 0
+    fcr: int = 0
+    max_fifo_size: int = FIFO_SIZE
+    trigger_level: int = POWER_ON_TRIGGER_LEVEL
 
 
-# Saved form of UartState (migration): fifo[16], count, then the registers.
-_STATE = struct.Struct("<16sB BBBBBB BB BBBB")
+# Saved form: struct serial_port as the kernel lays it out on x86-64 and
+# arm64 (one pad byte before the u16 divisor, one at the end): 36 bytes.
+_STATE = struct.Struct("<8s16sBBB??xHBBBx")
 STATE_SIZE = _STATE.size
 
 
 class Uart16550:
-    """One 16550A port; see the module doc for the behaviour."""
+    """One mtty serial port; see the module doc for the behaviour."""
 
-    def __init__(self, on_irq: IrqCallback | None = None) -> None:
-        self._on_irq = on_irq
-        self._level = False
+    def __init__(self, on_interrupt: InterruptCallback | None = None) -> None:
+        self._on_interrupt = on_interrupt
         self.s = UartState()
-        self._update()
 
     # --- the guest's view -------------------------------------------------
 
     def read(self, offset: int) -> int:
-        """Read register ``offset`` (0-7); may have side effects (clear-on-read)."""
+        """Read register ``offset`` (0-7); only RBR has a side effect."""
         s = self.s
-        value: int
         if offset == RBR_THR:
-            value = s.dll if s.lcr & LCR_DLAB else self._read_rbr()
-        elif offset == IER:
-            value = s.dlm if s.lcr & LCR_DLAB else s.ier
-        elif offset == IIR_FCR:
-            value = self._read_iir()
-        elif offset == LCR:
-            value = s.lcr
-        elif offset == MCR:
-            value = s.mcr
-        elif offset == LSR:
-            value = self.lsr
-            s.overrun = False
-        elif offset == MSR:
-            value = self.msr
-            s.msr_delta = 0
-        elif offset == SCR:
-            value = s.scr
-        else:
-            raise OSError(errno.EINVAL, f"UART register offset {offset} out of range")
-        self._update()
-        return value
+            return s.divisor & 0xFF if s.dlab else self._read_rbr()
+        if offset == IER:
+            return s.divisor >> 8 if s.dlab else self.ier
+        if offset == IIR_FCR:
+            return self.iir
+        if offset in (LCR, MCR, SCR):
+            return s.uart_reg[offset]
+        if offset == LSR:
+            return self.lsr
+        if offset == MSR:
+            return self.msr
+        raise OSError(errno.EINVAL, f"UART register offset {offset} out of range")
 
     def write(self, offset: int, value: int) -> None:
         """Write ``value`` (a byte) to register ``offset`` (0-7)."""
@@ -172,234 +170,193 @@ class Uart16550:
             raise OSError(errno.EINVAL, f"UART register value {value:#x} is not a byte")
         s = self.s
         if offset == RBR_THR:
-            if s.lcr & LCR_DLAB:
-                s.dll = value
+            if s.dlab:
+                s.divisor |= value
             else:
-                self._transmit(value)
+                self._write_thr(value)
         elif offset == IER:
-            if s.lcr & LCR_DLAB:
-                s.dlm = value
+            if s.dlab:
+                s.divisor |= value << 8
             else:
-                enabling_thri = value & IER_THRI and not s.ier & IER_THRI
-                s.ier = value & IER_MASK
-                # Enabling THRE interrupts while THR is empty (always, here)
-                # raises one at once: 8250's start_tx relies on it (and probes it).
-                if enabling_thri:
-                    s.thre_pending = True
+                s.uart_reg[IER] = value
+                if value & IER_THRI and s.count == 0:
+                    self._interrupt()
         elif offset == IIR_FCR:
             self._write_fcr(value)
         elif offset == LCR:
-            s.lcr = value
+            s.dlab = bool(value & LCR_DLAB)
+            if s.dlab:
+                s.divisor = 0
+            s.uart_reg[LCR] = value
         elif offset == MCR:
-            s.mcr = value & MCR_MASK
+            s.uart_reg[MCR] = value
+            if s.uart_reg[IER] & IER_MSI:
+                if value & MCR_OUT2:
+                    self._interrupt()
+                if value & (MCR_RTS | MCR_DTR):
+                    self._interrupt()
         elif offset == SCR:
-            s.scr = value
-        elif offset in (LSR, MSR):
-            pass  # read-only status registers; the 16550 ignores the write
-        else:
+            s.uart_reg[SCR] = value
+        elif offset not in (LSR, MSR):  # status registers ignore writes
             raise OSError(errno.EINVAL, f"UART register offset {offset} out of range")
-        self._update()
-
-    def reset(self) -> None:
-        """Back to power-on state (FIFO empty, registers 0, lines re-rising)."""
-        self.s = UartState()
-        self._update()
 
     # --- derived registers (no side effects) -------------------------------
 
     @property
+    def ier(self) -> int:
+        return self.s.uart_reg[IER] & IER_READ_MASK
+
+    @property
+    def lcr(self) -> int:
+        return self.s.uart_reg[LCR]
+
+    @property
+    def mcr(self) -> int:
+        return self.s.uart_reg[MCR]
+
+    @property
     def lsr(self) -> int:
         s = self.s
-        value = LSR_THRE | LSR_TEMT  # TX finishes the instant THR is written
-        if s.rx:
-            value |= LSR_DR
+        value = LSR_DR if s.count else LSR_THRE | LSR_TEMT
         if s.overrun:
             value |= LSR_OE
         return value
 
     @property
     def msr(self) -> int:
-        return self.s.modem_inputs | self.s.msr_delta
-
-    @property
-    def iir(self) -> int:
-        """What a read of IIR would return, without the read's side effect."""
-        source = self._highest_pending()
-        value = IIR_NO_INT if source is None else source
-        if self.s.fifo_enabled:
-            value |= IIR_FIFOS_ENABLED
+        s = self.s
+        value = MSR_DCD | MSR_DSR | MSR_DDSR
+        if not s.uart_reg[MCR] & MCR_AFE or s.count < s.max_fifo_size:
+            value |= MSR_CTS | MSR_DCTS
         return value
 
     @property
-    def irq_level(self) -> bool:
-        """The interrupt output: some source enabled in IER is pending."""
-        return self._level
+    def iir(self) -> int:
+        s = self.s
+        ier = s.uart_reg[IER]
+        value = 0
+        if ier & IER_RLSI and s.overrun:
+            value |= IIR_RLSI
+        if ier & IER_RDI and s.count >= s.trigger_level:
+            value |= IIR_RDI
+        if ier & IER_THRI and s.count == 0:
+            value |= IIR_THRI
+        if ier & IER_MSI and s.uart_reg[MCR] & (MCR_RTS | MCR_DTR):
+            value |= IIR_MSI  # 0: mtty.c's modem status never shows in IIR
+        return (value or IIR_NO_INT) | IIR_FIFO_BITS
 
     @property
     def divisor(self) -> int:
-        return self.s.dlm << 8 | self.s.dll
+        return self.s.divisor
 
     @property
     def fifo_depth(self) -> int:
-        return FIFO_SIZE if self.s.fifo_enabled else 1
+        return self.s.max_fifo_size
+
+    @property
+    def rx_bytes(self) -> bytes:
+        """What RBR reads would return, oldest first (no side effect)."""
+        s = self.s
+        return bytes(s.fifo[(s.tail + i) % FIFO_SIZE] for i in range(s.count))
 
     # --- migration ------------------------------------------------------------
 
     def save(self) -> bytes:
+        """The port as mtty.c's ``struct serial_port`` bytes."""
         s = self.s
-        fifo = bytes(s.rx).ljust(FIFO_SIZE, b"\0")
         return _STATE.pack(
-            fifo,
-            len(s.rx),
-            s.ier,
-            s.lcr,
-            s.mcr,
-            s.scr,
-            s.dll,
-            s.dlm,
-            int(s.fifo_enabled),
+            bytes(s.uart_reg),
+            bytes(s.fifo),
+            s.head,
+            s.tail,
+            s.count,
+            s.dlab,
+            s.overrun,
+            s.divisor,
+            s.fcr,
+            s.max_fifo_size,
             s.trigger_level,
-            int(s.overrun),
-            int(s.thre_pending),
-            s.msr_delta,
-            s.modem_inputs,
+        )
+
+    @staticmethod
+    def parse(data: bytes) -> UartState:
+        """A saved port as UartState; OSError(EINVAL) unless mtty.c could hold it."""
+        if len(data) != STATE_SIZE:
+            raise OSError(errno.EINVAL, f"UART state is {len(data)} bytes, not {STATE_SIZE}")
+        # Unpack the two flags as bytes to see values other than 0/1.
+        regs, fifo, head, tail, count, _, _, divisor, fcr, depth, trigger = _STATE.unpack(data)
+        dlab, overrun = data[27], data[28]
+        fcr_written = trigger == TRIGGER_LEVEL
+        if (
+            head >= FIFO_SIZE
+            or tail >= FIFO_SIZE
+            or count > FIFO_SIZE
+            or (tail + count) % FIFO_SIZE != head
+            or dlab not in (0, 1)
+            or overrun not in (0, 1)
+            or bool(dlab) != bool(regs[LCR] & LCR_DLAB)
+            or trigger not in (POWER_ON_TRIGGER_LEVEL, TRIGGER_LEVEL)
+            or (fcr_written and depth != (FIFO_SIZE if fcr & FCR_ENABLE_FIFO else 1))
+            or (not fcr_written and (fcr != 0 or depth != FIFO_SIZE))
+        ):
+            raise OSError(errno.EINVAL, "UART state has out-of-range or inconsistent fields")
+        return UartState(
+            uart_reg=bytearray(regs),
+            fifo=bytearray(fifo),
+            head=head,
+            tail=tail,
+            count=count,
+            dlab=bool(dlab),
+            overrun=bool(overrun),
+            divisor=divisor,
+            fcr=fcr,
+            max_fifo_size=depth,
+            trigger_level=trigger,
         )
 
     def load(self, data: bytes) -> None:
-        """Restore :meth:`save` output; OSError(EINVAL) if it is not one."""
-        if len(data) != STATE_SIZE:
-            raise OSError(errno.EINVAL, f"UART state is {len(data)} bytes, not {STATE_SIZE}")
-        (
-            fifo,
-            count,
-            ier,
-            lcr,
-            mcr,
-            scr,
-            dll,
-            dlm,
-            fifo_en,
-            trigger,
-            overrun,
-            thre,
-            delta,
-            inputs,
-        ) = _STATE.unpack(data)
-        if (
-            count > FIFO_SIZE
-            or (not fifo_en and count > 1)
-            or ier & ~IER_MASK
-            or mcr & ~MCR_MASK
-            or fifo_en > 1
-            or trigger not in TRIGGER_LEVELS
-            or overrun > 1
-            or thre > 1
-            or delta & 0xF0
-            or inputs & 0x0F
-        ):
-            raise OSError(errno.EINVAL, "UART state has out-of-range fields")
-        self.s = UartState(
-            rx=collections.deque(fifo[:count]),
-            ier=ier,
-            lcr=lcr,
-            mcr=mcr,
-            scr=scr,
-            dll=dll,
-            dlm=dlm,
-            fifo_enabled=bool(fifo_en),
-            trigger_level=trigger,
-            overrun=bool(overrun),
-            thre_pending=bool(thre),
-            msr_delta=delta,
-            modem_inputs=inputs,
-        )
-        self._update()
+        """Restore :meth:`save` output; OSError(EINVAL), port unchanged, if invalid.
+
+        Like mtty.c's load, it raises no interrupt: pending sources show in
+        IIR, and an interrupt the VMM had not delivered travels in its state.
+        """
+        self.s = self.parse(data)
 
     # --- internals --------------------------------------------------------
 
-    def _transmit(self, byte: int) -> None:
+    def _interrupt(self) -> None:
+        if self._on_interrupt is not None:
+            self._on_interrupt()
+
+    def _write_thr(self, byte: int) -> None:
         s = self.s
-        s.thre_pending = False  # writing THR clears a THRE interrupt...
-        if len(s.rx) < self.fifo_depth:
-            s.rx.append(byte)
+        if s.count < s.max_fifo_size:
+            s.fifo[s.head] = byte
+            s.head = (s.head + 1) % FIFO_SIZE
+            s.count += 1
+            s.overrun = False
+            if s.uart_reg[IER] & IER_RDI and s.count == s.trigger_level:
+                self._interrupt()
         else:
-            s.overrun = True
-            if not s.fifo_enabled:
-                # 16450 mode: the new character overwrites the unread one.
-                s.rx[-1] = byte
-        # ...and, the byte having left at once, THR is empty again.
-        s.thre_pending = True
+            s.overrun = True  # the new byte is lost, the queued ones kept
+            if s.uart_reg[IER] & IER_RLSI:
+                self._interrupt()
 
     def _read_rbr(self) -> int:
-        rx = self.s.rx
-        return rx.popleft() if rx else 0
-
-    def _read_iir(self) -> int:
-        value = self.iir
-        if value & 0x0F == IIR_THRI:
-            self.s.thre_pending = False  # reading IIR acknowledges THRE
+        s = self.s
+        value = 0
+        if s.count:
+            value = s.fifo[s.tail]
+            s.tail = (s.tail + 1) % FIFO_SIZE
+            s.count -= 1
+        if s.count == 0 and s.uart_reg[IER] & IER_THRI:
+            self._interrupt()  # mtty.c: every read of an empty ring, too
         return value
 
     def _write_fcr(self, value: int) -> None:
         s = self.s
-        enable = bool(value & FCR_ENABLE_FIFO)
-        # Toggling FIFO mode empties the FIFOs on the 16550.
-        if value & FCR_CLEAR_RCVR or enable != s.fifo_enabled:
-            s.rx.clear()
-        # FCR_CLEAR_XMIT: the TX FIFO is always empty here, nothing to drop.
-        s.fifo_enabled = enable
-        s.trigger_level = TRIGGER_LEVELS[value >> 6] if enable else 1
-
-    def _modem_inputs(self) -> int:
-        s = self.s
-        if s.mcr & MCR_LOOP:
-            inputs = 0
-            if s.mcr & MCR_RTS:
-                inputs |= MSR_CTS
-            if s.mcr & MCR_DTR:
-                inputs |= MSR_DSR
-            if s.mcr & MCR_OUT1:
-                inputs |= MSR_RI
-            if s.mcr & MCR_OUT2:
-                inputs |= MSR_DCD
-            return inputs
-        inputs = MSR_DCD | MSR_DSR
-        if not s.mcr & MCR_AFE or len(s.rx) < self.fifo_depth:
-            inputs |= MSR_CTS
-        return inputs
-
-    def _latch_modem_changes(self) -> None:
-        s = self.s
-        new = self._modem_inputs()
-        changed = new ^ s.modem_inputs
-        if changed & MSR_CTS:
-            s.msr_delta |= MSR_DCTS
-        if changed & MSR_DSR:
-            s.msr_delta |= MSR_DDSR
-        if changed & MSR_DCD:
-            s.msr_delta |= MSR_DDCD
-        if s.modem_inputs & MSR_RI and not new & MSR_RI:
-            s.msr_delta |= MSR_TERI  # trailing edge only
-        s.modem_inputs = new
-
-    def _highest_pending(self) -> int | None:
-        s = self.s
-        if s.ier & IER_RLSI and s.overrun:
-            return IIR_RLSI
-        if s.ier & IER_RDI and s.rx:
-            if len(s.rx) >= s.trigger_level:
-                return IIR_RDI
-            return IIR_RX_TIMEOUT  # see module doc: the timeout has expired
-        if s.ier & IER_THRI and s.thre_pending:
-            return IIR_THRI
-        if s.ier & IER_MSI and s.msr_delta:
-            return IIR_MSI
-        return None
-
-    def _update(self) -> None:
-        self._latch_modem_changes()
-        level = self._highest_pending() is not None
-        if level != self._level:
-            self._level = level
-            if self._on_irq is not None:
-                self._on_irq(level)
+        s.fcr = value
+        if value & (FCR_CLEAR_RCVR | FCR_CLEAR_XMIT):
+            s.count = s.head = s.tail = 0  # the bytes stay in the array, unreachable
+        s.trigger_level = TRIGGER_LEVEL  # mtty.c parses bits 6-7, then sets 1
+        s.max_fifo_size = FIFO_SIZE if value & FCR_ENABLE_FIFO else 1

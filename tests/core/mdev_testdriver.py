@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 
-from mdevcore.driver import MdevTypeSpec
+from mdevcore.driver import MdevDriver, MdevTypeSpec
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DeviceInfo, DmaMapping, DmaPort, IrqInfo, RegionInfo
 
@@ -24,6 +24,10 @@ class ScratchDevice:
         self.slots = slots
         self.config = bytearray(256)
         self.busy = False  # the test flips this to make remove refuse
+        self.closed = False  # the core closes a removed device
+
+    def close(self) -> None:
+        self.closed = True
 
     def device_info(self) -> DeviceInfo:
         return DeviceInfo(flags=vfio.DEVICE_FLAGS_PCI, num_regions=vfio.PCI_NUM_REGIONS, num_irqs=0)
@@ -86,7 +90,7 @@ class ScratchDevice:
         return None
 
 
-class PoolDriver:
+class PoolDriver(MdevDriver):
     """MdevDriver with ``pool`` slots; thread-safe like a kernel parent."""
 
     name = "pool"

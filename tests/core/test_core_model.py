@@ -16,9 +16,10 @@ from mdevcore.core import (
     MdevEvent,
     ParentAdded,
     ParentRemoved,
-    parse_remove,
-    parse_uuid,
 )
+from mdevcore.kernel_parse import kstrtoul as parse_remove
+from mdevcore.kernel_parse import parse_uuid
+from mdevcore.sysfs.mdev_view import create_store, remove_store
 
 U1 = "0e8b5e3a-6f0b-4a4e-9d2a-0c7c1d5f3b01"
 U2 = "1e8b5e3a-6f0b-4a4e-9d2a-0c7c1d5f3b02"
@@ -86,36 +87,36 @@ def test_remove_out_of_range() -> None:
 def test_create_remove_and_available_instances(core: MdevCore) -> None:
     assert core.available_instances("pool", "pool-1") == 4
     assert core.available_instances("pool", "pool-2") == 2
-    dev = core.create_store("pool", "pool-2", U1 + "\n")
+    dev = create_store(core, "pool", "pool-2", U1 + "\n")
     assert dev.name == U1 and dev.type.id == "pool-2" and dev.parent.name == "pool"
     assert isinstance(dev.backend, ScratchDevice)
     assert core.available_instances("pool", "pool-1") == 2
     assert core.available_instances("pool", "pool-2") == 1
-    core.remove_store(dev.uuid, "0")  # 0 is a no-op
+    remove_store(core, dev.uuid, "0")  # 0 is a no-op
     assert dev.uuid in core.devices
-    core.remove_store(dev.uuid, "1\n")
+    remove_store(core, dev.uuid, "1\n")
     assert dev.uuid not in core.devices
     assert core.available_instances("pool", "pool-2") == 2
 
 
 def test_errno_table(core: MdevCore) -> None:
-    core.create_store("pool", "pool-1", U1)
+    create_store(core, "pool", "pool-1", U1)
     # duplicate UUID, also in another case or through another type
-    assert errno_of(core.create_store, "pool", "pool-1", U1) == errno.EEXIST
-    assert errno_of(core.create_store, "pool", "pool-2", U1.upper() + "\n") == errno.EEXIST
-    assert errno_of(core.create_store, "pool", "pool-1", "nope") == errno.EINVAL
-    assert errno_of(core.create_store, "nothere", "pool-1", U2) == errno.ENODEV
-    assert errno_of(core.create_store, "pool", "pool-9", U2) == errno.ENODEV
+    assert errno_of(create_store, core, "pool", "pool-1", U1) == errno.EEXIST
+    assert errno_of(create_store, core, "pool", "pool-2", U1.upper() + "\n") == errno.EEXIST
+    assert errno_of(create_store, core, "pool", "pool-1", "nope") == errno.EINVAL
+    assert errno_of(create_store, core, "nothere", "pool-1", U2) == errno.ENODEV
+    assert errno_of(create_store, core, "pool", "pool-9", U2) == errno.ENODEV
     # the pool has 3 slots left: one more pool-2 fits, then ENOSPC from the driver
-    core.create_store("pool", "pool-2", U2)
-    assert errno_of(core.create_store, "pool", "pool-2", str(uuid.uuid4())) == errno.ENOSPC
-    assert errno_of(core.remove_store, uuid.UUID(U1), "x") == errno.EINVAL
-    assert errno_of(core.remove_store, uuid.uuid4(), "1") == errno.ENODEV
+    create_store(core, "pool", "pool-2", U2)
+    assert errno_of(create_store, core, "pool", "pool-2", str(uuid.uuid4())) == errno.ENOSPC
+    assert errno_of(remove_store, core, uuid.UUID(U1), "x") == errno.EINVAL
+    assert errno_of(remove_store, core, uuid.uuid4(), "1") == errno.ENODEV
     # a device that refuses keeps existing
     dev = core.device(uuid.UUID(U1))
     assert isinstance(dev.backend, ScratchDevice)
     dev.backend.busy = True
-    assert errno_of(core.remove_store, dev.uuid, "1") == errno.EBUSY
+    assert errno_of(remove_store, core, dev.uuid, "1") == errno.EBUSY
     assert dev.uuid in core.devices
     assert core.available_instances("pool", "pool-1") == 1
 
@@ -123,12 +124,12 @@ def test_errno_table(core: MdevCore) -> None:
 def test_parent_going_away(core: MdevCore) -> None:
     events: list[MdevEvent] = []
     core.subscribe(events.append)
-    dev = core.create_store("pool", "pool-1", U1)
+    dev = create_store(core, "pool", "pool-1", U1)
     parent = core.parent("pool")
     core.unregister_parent("pool")
     assert not parent.registered
     assert core.devices == {}
-    assert errno_of(core.create_store, "pool", "pool-1", U2) == errno.ENODEV
+    assert errno_of(create_store, core, "pool", "pool-1", U2) == errno.ENODEV
     assert errno_of(core.unregister_parent, "pool") == errno.ENODEV
     assert events == [DeviceAdded(dev), DeviceRemoved(dev), ParentRemoved(parent)]
 
@@ -142,7 +143,7 @@ def test_register_checks(core: MdevCore) -> None:
 
 
 def test_subscribe_replay(core: MdevCore) -> None:
-    dev = core.create_store("pool", "pool-1", U1)
+    dev = create_store(core, "pool", "pool-1", U1)
     events: list[MdevEvent] = []
     core.subscribe(events.append, replay=True)
     assert events == [ParentAdded(core.parent("pool")), DeviceAdded(dev)]
@@ -156,7 +157,7 @@ def test_broken_observer_does_not_undo_create(core: MdevCore) -> None:
         raise RuntimeError("view bug")
 
     core.subscribe(broken)
-    dev = core.create_store("pool", "pool-1", U1)
+    dev = create_store(core, "pool", "pool-1", U1)
     assert core.device(dev.uuid) is dev
 
 
@@ -212,9 +213,40 @@ def test_create_checks_refuse_before_probe(core: MdevCore) -> None:
             raise OSError(errno.ENAMETOOLONG, "no room for its socket")
 
     core.add_create_check(check)
-    assert errno_of(core.create_store, "pool", "pool-2", U2) == errno.ENAMETOOLONG
+    assert errno_of(create_store, core, "pool", "pool-2", U2) == errno.ENAMETOOLONG
     assert core.devices == {}
     assert core.available_instances("pool", "pool-2") == 2  # probe never ran
-    core.create_store("pool", "pool-2", U1)
+    create_store(core, "pool", "pool-2", U1)
     core.remove_create_check(check)
-    core.create_store("pool", "pool-1", U2)
+    create_store(core, "pool", "pool-1", U2)
+
+
+def test_core_closes_removed_devices(core: MdevCore) -> None:
+    dev = core.create("pool", "pool-1", uuid.UUID(U1))
+    assert not dev.backend.closed  # type: ignore[attr-defined]
+    core.remove(uuid.UUID(U1))
+    assert dev.backend.closed  # type: ignore[attr-defined]
+
+
+def test_core_keeps_a_device_whose_remove_was_refused(core: MdevCore) -> None:
+    dev = core.create("pool", "pool-1", uuid.UUID(U1))
+    dev.backend.busy = True  # type: ignore[attr-defined]
+    assert errno_of(core.remove, uuid.UUID(U1)) == errno.EBUSY
+    assert not dev.backend.closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("missing", ["name", "types", "probe"])
+def test_register_refuses_an_incomplete_driver(missing: str) -> None:
+    from mdevcore.driver import MdevDriver, MdevTypeSpec
+
+    attrs: dict[str, object] = {
+        "name": "half",
+        "types": (MdevTypeSpec("1", "one"),),
+        "probe": lambda self, u, t: None,
+    }
+    attrs[missing] = "" if missing == "name" else () if missing == "types" else None
+    driver = type("Half", (MdevDriver,), attrs)()
+    with pytest.raises(ValueError) as info:
+        MdevCore().register_parent("half", "devices/virtual/half/half", driver)  # type: ignore[arg-type]
+    assert missing in str(info.value)
+    assert MdevDriver().device_attributes(uuid.UUID(U1), None) == {}  # type: ignore[arg-type]

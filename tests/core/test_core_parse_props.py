@@ -8,7 +8,8 @@ import uuid
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mdevcore.core import parse_remove, parse_uuid
+from mdevcore.kernel_parse import kstrtoul as parse_remove
+from mdevcore.kernel_parse import parse_uuid
 
 ULONG = st.integers(min_value=0, max_value=(1 << 64) - 1)
 

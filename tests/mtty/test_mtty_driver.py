@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from mdevcore.driver import MdevDriver
+from mdevcore.sysfs.mdev_view import create_store, remove_store
 from samples.mtty import PARENT_NAME, SYSFS_PATH, MttyDevice, MttyDriver
 
 
@@ -104,7 +105,7 @@ def test_through_the_mdev_core() -> None:
     core.register_parent(PARENT_NAME, SYSFS_PATH, MttyDriver())
     assert core.available_instances("mtty", "mtty-1") == 24
     assert core.available_instances("mtty", "mtty-2") == 12
-    first = core.create_store("mtty", "mtty-2", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\n")
+    first = create_store(core, "mtty", "mtty-2", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\n")
     assert isinstance(first.backend, MttyDevice) and first.backend.nr_ports == 2
     assert core.available_instances("mtty", "mtty-2") == 11
     assert core.available_instances("mtty", "mtty-1") == 22
@@ -112,7 +113,7 @@ def test_through_the_mdev_core() -> None:
     with pytest.raises(OSError) as e:
         core.create("mtty", "mtty-1", new_uuid(99))
     assert e.value.errno == errno.ENOSPC
-    core.remove_store(first.uuid, "1\n")
+    remove_store(core, first.uuid, "1\n")
     assert core.available_instances("mtty", "mtty-2") == 1
     for u in made:
         core.remove(u)

@@ -84,7 +84,7 @@ async def test_guest_reset_behind_root_port(tmp_path: Path) -> None:
     original = device.on_reset
 
     def counting_reset() -> None:
-        resets.append(any(p.divisor or p.s.lcr for p in device.ports))
+        resets.append(any(p.divisor or p.lcr for p in device.ports))
         original()
 
     device.on_reset = counting_reset  # type: ignore[method-assign]

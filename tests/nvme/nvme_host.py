@@ -67,7 +67,12 @@ class GuestMemory:
             if iova < start + hole_len and iova + length > start:
                 raise OSError(errno.EFAULT, f"{iova:#x}+{length:#x} hits an unmapped gap")
         offset = iova - self.base
+        if write:
+            self.mark_dirty(iova, length)  # as the DmaTable does (the DmaSpace contract)
         return memoryview(self.mm)[offset : offset + length]
+
+    def mark_dirty(self, iova: int, length: int) -> None:
+        """Tests replace this to see what the controller wrote."""
 
     def alloc(self, size: int, align: int = PAGE) -> int:
         addr = -(-self._next // align) * align

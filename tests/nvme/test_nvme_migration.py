@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -263,4 +264,101 @@ def test_error_log_keeps_its_order(tmp_path: Path, mem: GuestMemory, clock: Fake
     assert dst.error_log.page() == src.error_log.page()
     src.close()
     dst.close()
+    ns.close()
+
+
+def test_vf_keeps_client_programmed_msix_masks_across_migration(
+    tmp_path: Path, mem: GuestMemory
+) -> None:
+    """A client that programs the MSI-X table through the BAR keeps its masks on the destination."""
+    backing = tmp_path / "vf.img"
+    src = make_vf(backing, mem)
+    dst = make_vf(backing, mem)
+    efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+    try:
+        msix = src.msix
+        assert msix is not None
+        ctl = src.config.get_u16(msix.offset + caps.MSIX_FLAGS)
+        src.region_write(
+            7, msix.offset + caps.MSIX_FLAGS, (ctl | caps.MSIX_FLAGS_ENABLE).to_bytes(2, "little")
+        )
+        # Vector 0 unmasked, vector 1 masked, written through BAR4 (the table).
+        src.region_write(4, 0 * caps.MSIX_ENTRY_SIZE + 12, (0).to_bytes(4, "little"))
+        src.region_write(4, 1 * caps.MSIX_ENTRY_SIZE + 12, (1).to_bytes(4, "little"))
+        src.set_migration_state(MigState.STOP_COPY)
+        stream = b""
+        while chunk := src.mig_data_read(4096):
+            stream += chunk
+        dst.set_migration_state(MigState.RESUMING)
+        dst.mig_data_write(stream)
+        dst.set_migration_state(MigState.RUNNING)
+        trigger = 1 << 2 | 1 << 5  # DATA_EVENTFD | ACTION_TRIGGER
+        dst.set_irqs(2, trigger, 0, 2, b"", efds)
+        assert dst.trigger(2, 0) is True
+        assert dst.trigger(2, 1) is False  # masked by the migrated table: pending instead
+        pba = dst.region_read(4, 0x2000, 8)
+        assert int.from_bytes(pba, "little") & 0b10
+    finally:
+        src.close()
+        dst.close()
+        for fd in efds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_io_queues": 4},
+        {"max_queue_entries": 128},
+        {"mdts": 4},
+    ],
+)
+def test_controller_with_other_limits_refuses_the_state(
+    tmp_path: Path, mem: GuestMemory, clock: FakeClock, limits: dict[str, int]
+) -> None:
+    """The host read CAP.MQES, MDTS and the queue count: a destination must show the same."""
+    ns = FileNamespace(tmp_path / "ns.img", NS_SIZE)
+    src = new_controller(mem, ns, [], clock)
+    host = Host(src, mem)
+    host.enable()
+    blob = src.save_state()
+    src.close()
+    other = dataclasses.replace(CONFIG, **limits)  # type: ignore[arg-type]
+    irqs: list[int] = []
+    dst = NvmeController(mem, [ns], irqs.append, config=other, clock=clock, irq_vectors=lambda: 9)
+    with pytest.raises(OSError) as info:
+        dst.load_state(blob)
+    assert info.value.errno == errno.EINVAL
+    assert not dst.ready and not dst.sqs  # left as it was
+    dst.close()
+    ns.close()
+
+
+def test_controller_latches_doorbells_while_dma_is_forbidden(
+    tmp_path: Path, mem: GuestMemory, clock: FakeClock
+) -> None:
+    """may_dma False (the VF in RUNNING_P2P/STOP): doorbells and events wait, no byte moves."""
+    allowed = [True]
+    ns = FileNamespace(tmp_path / "ns.img", NS_SIZE)
+    irqs: list[int] = []
+    ctrl = NvmeController(mem, [ns], irqs.append, config=CONFIG, clock=clock,
+                          irq_vectors=lambda: 9, may_dma=lambda: allowed[0])  # fmt: skip
+    host = Host(ctrl, mem)
+    host.enable()
+    host.create_io_queue_pair(1, size=8)
+    aer = host.submit(0, make_command(AdminOpcode.ASYNC_EVENT_REQUEST))
+    host.run()
+    allowed[0] = False
+    buf = mem.alloc(PAGE)
+    cmd = host.submit(1, make_command(IoOpcode.READ, nsid=1, prp1=buf, cdw12=7))
+    host.ring(2 * 7, 1)  # a doorbell for a missing queue: an AER-worthy error
+    before = mem.read(mem.base, mem.size)
+    host.run()
+    assert mem.read(mem.base, mem.size) == before  # no DMA at all
+    assert host.reap(1) == [] and host.reap(0) == []
+    allowed[0] = True
+    host.run()
+    assert [c.cid for c in host.reap(1)] == [cmd.cid]
+    assert [c.cid for c in host.reap(0)] == [aer.cid]
+    ctrl.close()
     ns.close()

@@ -7,6 +7,7 @@ import struct
 from nvme_host import GuestMemory, Host
 
 from mdevcore.nvme import NvmeController
+from mdevcore.nvme.controller import MPS_MAX
 from mdevcore.nvme.queues import make_command
 from mdevcore.nvme.spec import (
     CC_EN,
@@ -36,7 +37,8 @@ def test_cap_and_version(ctrl: NvmeController, mem: GuestMemory) -> None:
     assert cap >> 24 & 0xFF > 0  # TO
     assert cap >> 32 & 0xF == 0  # DSTRD
     assert cap >> 37 & 1 == 1  # CSS: NVM
-    assert cap >> 48 & 0xF == 0 and cap >> 52 & 0xF >= 0  # MPSMIN 4 KiB
+    assert cap >> 48 & 0xF == 0  # MPSMIN 4 KiB
+    assert cap >> 52 & 0xF == MPS_MAX  # MPSMAX: up to 2 ** (12 + MPS_MAX) bytes
     # the same value read as two dwords
     assert h.read32(REG_CAP) | h.read32(REG_CAP + 4) << 32 == cap
     assert h.read32(REG_VS) == 0x00010400

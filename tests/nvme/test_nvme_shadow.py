@@ -156,3 +156,28 @@ def test_queue_creation_failing_on_eventidx_creates_nothing(
     cqe = host.admin(AdminOpcode.CREATE_IO_SQ, prp1=sq, cdw10=15 << 16 | 1, cdw11=1 << 16 | 1)
     assert cqe.status == failed
     assert 1 not in ctrl.sqs and not ctrl.cqs[1].sqids
+
+
+def test_an_idle_controller_leaves_eventidx_clean(host: Host, mem: GuestMemory) -> None:
+    """EventIdx is written only when it changes: no dirty page per idle pass (migration)."""
+    marks: list[tuple[int, int]] = []
+    mem.mark_dirty = lambda iova, length: marks.append((iova, length))  # type: ignore[method-assign]
+    shadow = ShadowHost(host.ctrl, mem)
+    shadow.queues = host.queues
+    assert shadow.configure() == 0
+    shadow.create_io_queue_pair(1, size=8)
+    buf = mem.alloc(PAGE)
+    assert shadow.command(1, make_command(IoOpcode.READ, nsid=1, prp1=buf, cdw12=7)).status == 0
+    passes = []
+    for _ in range(3):
+        marks.clear()
+        host.ctrl.mmio_write(DOORBELL_BASE, struct.pack("<I", shadow.queues[0].sq_tail))
+        host.run()
+        passes.append(list(marks))
+    # The first idle pass takes in the CQ head the host wrote after reaping;
+    # the next ones find nothing changed and write nothing.
+    assert passes[0] == [(shadow.eventidx + 4 * 3, 4)]
+    assert passes[1:] == [[], []]
+    assert shadow.command(1, make_command(IoOpcode.READ, nsid=1, prp1=buf, cdw12=7)).status == 0
+    assert any(shadow.eventidx <= iova < shadow.eventidx + PAGE for iova, _ in marks)
+    assert any(buf <= iova < buf + PAGE for iova, _ in marks)  # the read data

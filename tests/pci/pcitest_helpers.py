@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.vfio_user import backend as vfio
+from mdevcore.vfio_user.validate import check_device_feature, check_set_irqs
 
 CFG = vfio.PCI_CONFIG_REGION_INDEX
 
@@ -70,3 +71,18 @@ class PlainDevice(PciDevice):
 
     def on_reset(self) -> None:
         self.resets += 1
+
+
+def checked_set_irqs(
+    dev: PciDevice, index: int, flags: int, start: int, count: int, data: bytes, fds: list[int]
+) -> None:
+    """SET_IRQS as the engine delivers it: structure checked once, then the device."""
+    vectors = dev.irq_info(index).count
+    check_set_irqs(flags, start, count, len(data), len(fds), vectors)
+    dev.set_irqs(index, flags, start, count, data, fds)
+
+
+def checked_device_feature(dev: PciDevice, flags: int, data: bytes) -> bytes:
+    """DEVICE_FEATURE as the engine delivers it."""
+    check_device_feature(flags)
+    return dev.device_feature(flags, data)

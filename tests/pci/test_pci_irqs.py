@@ -6,7 +6,7 @@ import errno
 import os
 
 import pytest
-from pcitest_helpers import PlainDevice, cfg_read, cfg_write, drain, eventfds
+from pcitest_helpers import PlainDevice, cfg_read, cfg_write, checked_set_irqs, drain, eventfds
 
 from mdevcore.pci import caps
 from mdevcore.pci import config as cfg
@@ -115,14 +115,14 @@ def test_set_irqs_rejects(
 ) -> None:
     dev = PlainDevice()
     with eventfds(nfds) as fds:
-        einval(dev.set_irqs, index, flags, start, count, data, fds)
+        einval(checked_set_irqs, dev, index, flags, start, count, data, fds)
     assert not any(irq.active() for irq in dev.irqs.indexes)
 
 
 def test_unsupported_index_is_einval() -> None:
     dev = PlainDevice(pin=0)
     with eventfds(1) as fds:
-        einval(dev.set_irqs, INTX, EVENTFD | TRIGGER, 0, 1, b"", fds)
+        einval(checked_set_irqs, dev, INTX, EVENTFD | TRIGGER, 0, 1, b"", fds)
 
 
 def test_eventfd_unmask_is_enotty() -> None:

@@ -8,6 +8,7 @@ import os
 import struct
 
 import pytest
+from pcitest_helpers import checked_device_feature
 
 from mdevcore.pci.device import PciDevice, PciIdentity
 from mdevcore.pci.migration import (
@@ -75,7 +76,7 @@ def get_state(dev: PciDevice) -> int:
 
 def feature_errno(dev: PciDevice, flags: int, data: bytes = b"") -> int:
     with pytest.raises(OSError) as info:
-        dev.device_feature(flags, data)
+        checked_device_feature(dev, flags, data)  # as the engine delivers it
     assert info.value.errno is not None
     return info.value.errno
 
@@ -318,7 +319,8 @@ def test_bad_resume_data_is_einval_and_stays_resuming() -> None:
 
 def test_resume_size_limit() -> None:
     dev = Counter()
-    dev._stream.max_resume_bytes = 16
+    assert dev.migration is not None
+    dev.migration.stream.max_resume_bytes = 16
     set_state(dev, S.RESUMING)
     dev.mig_data_write(bytes(16))
     with pytest.raises(OSError) as info:
@@ -397,7 +399,7 @@ async def test_dirty_logging_records_only_the_requested_ranges() -> None:
         await dev.dma_write(0x100000 + 4096 * 10, b"x")  # outside every range
         dev.dma.translate(0x100000 + 4096 * 7, 3 * 4096, write=True)  # pages 7-9: only 8
         assert report(dev, 0x100000, 64 * 4096, 4096) == (1 << 3) | (1 << 8)
-        assert dev.dma.dirty is not None and not dev.dma.dirty.pages
+        assert dev.dma.dirty is not None and not dev.dma.dirty.dirty_pages()
     finally:
         dev.disconnected()
         os.close(fd)

@@ -10,6 +10,7 @@ from pcitest_helpers import PlainDevice, cfg_read, cfg_write, drain, eventfds
 
 from mdevcore.pci import caps
 from mdevcore.pci import config as cfg
+from mdevcore.pci.device import PciDevice, PciIdentity
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DeviceBackend
@@ -85,13 +86,10 @@ def test_counter_migrates() -> None:
 
 
 def test_device_name_reaches_logs(caplog: pytest.LogCaptureFixture) -> None:
-    class Named(Counter):
-        def __init__(self) -> None:
-            self.name = "early"  # naming before PciDevice.__init__ is fine
-            super().__init__()
-
-    dev = Named()
-    assert dev.name == "early"
+    named = PciDevice(PciIdentity(vendor_id=1, device_id=2, class_code=0), name="early")
+    assert named.name == "early"
+    dev = Counter()
+    assert dev.name == "Counter"  # the class name until the parent names it
     dev.name = "3b1f0c2e-uuid"
     with caplog.at_level("DEBUG", logger="mdevcore.pci"):
         dev.reset()

@@ -11,7 +11,7 @@ import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pcitest_helpers import PlainDevice
+from pcitest_helpers import PlainDevice, checked_device_feature, checked_set_irqs
 
 from mdevcore.pci.migration import MIGRATION_FLAGS_ALL
 from mdevcore.vfio_user.backend import DmaMapping
@@ -59,7 +59,7 @@ def apply(dev: Everything, req: tuple, fds: list[int]) -> None:  # type: ignore[
         dev.region_write(req[1], req[2], req[3])
     elif kind == "irqs":
         _, index, flags, start, count, data, nfds = req
-        dev.set_irqs(index, flags, start, count, data, fds[1 : 1 + nfds])
+        checked_set_irqs(dev, index, flags, start, count, data, fds[1 : 1 + nfds])
     elif kind == "map":
         dev.dma_map(DmaMapping(address=req[1], size=req[2], flags=req[3], fd=None, offset=0))
     elif kind == "mapfd":  # fds[0] is a 16 KiB memfd standing in for guest RAM
@@ -67,7 +67,7 @@ def apply(dev: Everything, req: tuple, fds: list[int]) -> None:  # type: ignore[
     elif kind == "unmap":
         dev.dma_unmap(req[1], req[2], req[3])
     elif kind == "feature":
-        dev.device_feature(req[1], req[2])
+        checked_device_feature(dev, req[1], req[2])
     elif kind == "migread":
         dev.mig_data_read(req[1])
     elif kind == "migwrite":

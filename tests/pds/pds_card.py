@@ -16,6 +16,8 @@ import trio
 
 from mdevcore.daemon.devlink import DevlinkRegistry, Reply, run_devlink
 from mdevcore.daemon.hosts import HostContext, NamedServers
+from mdevcore.pci.bus import PciBus
+from mdevcore.sysfs.pci_view import PciSysfs
 from mdevcore.sysfs.tree import SysfsTree
 from parents.pds.driver import PdsHost
 from parents.pds.pf import PdsConfig
@@ -55,10 +57,13 @@ async def make_card(tmp_path: Path, **config: Any) -> AsyncIterator[Card]:
         devlink = DevlinkRegistry()
         config = {"total_vfs": 4, "ns_size": NS_SIZE, **config}
         host = PdsHost(PdsConfig(backing_dir=tmp_path / "pds", **config))
-        host.start(HostContext(tree, servers, devlink, run_dir))
+        bus = PciBus()
+        view = PciSysfs(bus, tree)  # as mdevd: one bus, one view, for every host
+        host.start(HostContext(tree, servers, devlink, run_dir, bus))
         try:
             yield Card(tree, servers, devlink, host, run_dir)
         finally:
             host.stop()
+            view.close()
             await servers.aclose()
             nursery.cancel_scope.cancel()

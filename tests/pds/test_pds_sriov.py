@@ -11,8 +11,10 @@ import pytest
 import trio
 from pds_card import NS_SIZE, PF, PF_DIR, VF1, VF2, Card, make_card
 
+from mdevcore.kernel_parse import kstrtobool
+from mdevcore.kernel_parse import kstrtoul as kstrtouint
 from mdevcore.pci import caps
-from mdevcore.pci.bus import Bdf, PciFunction, kstrtobool, kstrtouint
+from mdevcore.pci.bus import Bdf, PciFunction
 from mdevcore.pci.device import PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_STOP_COPY
 from mdevcore.sysfs.tree import Attr

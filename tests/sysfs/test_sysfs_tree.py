@@ -12,6 +12,7 @@ from mdev_testdriver import PoolDriver
 
 from mdevcore.core import MdevCore
 from mdevcore.sysfs import Attr, Link, MdevSysfs, SysfsTree
+from mdevcore.sysfs.mdev_view import create_store
 
 U1 = "0e8b5e3a-6f0b-4a4e-9d2a-0c7c1d5f3b01"
 P = "devices/virtual/pool/pool"
@@ -150,7 +151,7 @@ def test_unregister_parent_removes_its_tree(view: MdevSysfs) -> None:
 def test_view_replays_existing_state() -> None:
     core = MdevCore()
     core.register_parent("pool", P, PoolDriver())
-    core.create_store("pool", "pool-1", U1)
+    create_store(core, "pool", "pool-1", U1)
     view = MdevSysfs(core)
     assert view.tree.realpath(f"bus/mdev/devices/{U1}/mdev_type") == (
         f"{P}/mdev_supported_types/pool-1"

@@ -335,3 +335,12 @@ def test_dma_requests_beyond_the_msg_id_space_fail_ebusy(device: FakeDevice) -> 
     assert info.value.errno == errno.EBUSY
     conn.fail_pending_dma()
     assert conn.dma_write_request(0x1000, b"") in ids
+
+
+def test_mig_data_write_reply_has_no_payload(device: FakeDevice) -> None:
+    conn = negotiated(device)
+    body = wire.MigData.build({"argsz": 8 + 5, "size": 5}) + b"state"
+    conn.receive_data(request(7, Command.MIG_DATA_WRITE, body))
+    conn.process()
+    (reply,) = replies(conn)
+    assert reply.flags & FLAG_ERROR == 0 and reply.payload == b""

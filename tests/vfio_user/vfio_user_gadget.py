@@ -88,7 +88,7 @@ class Gadget(PciDevice):
         n = int.from_bytes(self.regs[start : start + 4], "little") + 1
         self.regs[start : start + 4] = n.to_bytes(4, "little")
 
-    async def run(self) -> None:
+    async def background(self) -> None:
         async for src, dst, length in self._jobs_recv:
             try:
                 await self.dma_write(dst, await self.dma_read(src, length))

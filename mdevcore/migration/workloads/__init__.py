@@ -1,1 +1,1 @@
-"""Workloads for the migration tool, one module per device (see ``workload``)."""
+"""Workloads the migration tool runs against a device, as a guest driver would."""
