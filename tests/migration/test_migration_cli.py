@@ -15,13 +15,14 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mdevd_proc import MDEVD
+from mdevd_proc import MDEVD, Mdevd, sh
 from mig_served import REPO, MttyDaemon, new_uuid, short_dir
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -231,3 +232,38 @@ def _across(ns_a: str, ns_b: str, where: str, src: Path, dst: Path) -> None:
     after = received["after"]
     assert after["restores"] == 1 and after["mismatches"] == 0
     assert after["verified_bytes"] == after["writes"] > report["workload"]["writes"]
+
+
+# --- the NVMe workload (mdevcore/migration/workloads/nvme.py) on a pds VF ---------
+
+SETUP = REPO / "tests" / "pds" / "pds_setup.sh"
+VF1 = "0000:60:00.1"  # the VF pds_setup.sh binds to pds_vfio
+
+
+def test_local_migrate_nvme_vf_json() -> None:
+    """`--workload nvme` found through the registry; commands in flight across it."""
+    mdevd = str(Path(sys.executable).with_name("mdevd"))
+    with short_dir() as base:
+        daemons: list[Mdevd] = []
+        try:
+            for name in ("a", "b"):  # one shared backing dir: the namespace data is shared
+                (base / name).mkdir()
+                d = Mdevd(base / name, "--pds-ns-size", "16M", "--pds-total-vfs", "1",
+                          "--pds-backing-dir", str(base / "shared"), builtins=True)  # fmt: skip
+                daemons.append(d)
+                r = sh(f"SYS={d.sysfs} RUN={d.run_dir} MDEVD={mdevd} bash {SETUP}")
+                assert r.returncode == 0, r.stderr
+            src, dst = (str(d.run_dir / f"{VF1}.sock") for d in daemons)
+            r = _migrate("--src", src, "--dst", dst, "--workload", "nvme", "--memory", "32M",
+                         "--max-rounds", "3", "--json")  # fmt: skip
+        finally:
+            for d in daemons:
+                d.stop()
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] and report["device_flags"] == 3  # STOP_COPY | P2P, no PRE_COPY
+    assert report["dirty_logging"] and report["rounds"] == 3
+    assert report["workload"]["in_flight_at_quiesce"] > 0
+    after = report["after"]
+    assert report["verified"] and after["mismatches"] == 0 and after["in_flight"] == 0
+    assert after["restores"] == 1 and after["verified_bytes"] > 0
