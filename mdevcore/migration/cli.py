@@ -14,6 +14,7 @@ back, workload verified on it), 3 the workload found a mismatch.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Any
@@ -134,12 +135,18 @@ def _send(args: argparse.Namespace) -> int:
             wl.start(src.client, src.mem)
             wl.run_for(args.warmup)
         if args.mode == "send":
-            link = SocketLink(connect(args.to))
-            report = Sender(
-                src.dev, src.mem, link, workload=wl, options=_options(args),
-                progress=_progress(args),
-            ).migrate()  # fmt: skip
-            link.close()
+            try:
+                link = SocketLink(connect(args.to))
+            except (OSError, ValueError) as e:
+                # No receiver: nothing was touched, the source just carries on.
+                err = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+                report = Report(error=f"cannot reach {args.to}: {e}", errno=err)
+            else:
+                report = Sender(
+                    src.dev, src.mem, link, workload=wl, options=_options(args),
+                    progress=_progress(args),
+                ).migrate()  # fmt: skip
+                link.close()
             extra: dict[str, Any] = {}
             after: Workload | None = None
         else:

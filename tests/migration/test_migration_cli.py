@@ -137,6 +137,23 @@ def test_send_to_a_refusing_receiver_rolls_the_source_back(
     assert not received["ok"] and received["errno"] == errno.EINVAL
 
 
+def test_send_with_no_receiver_leaves_the_source_running(
+    pair: tuple[MttyDaemon, MttyDaemon],
+) -> None:
+    a, _ = pair
+    u = new_uuid()
+    src = a.create(u)
+    try:
+        where = f"unix:{a.base}/nobody.sock"
+        sent = _migrate("send", "--src", str(src), "--to", where, "--memory", "1M", "--json")
+    finally:
+        a.remove(u)
+    assert sent.returncode == 1, sent.stderr
+    report = json.loads(sent.stdout)
+    assert not report["ok"] and not report["rolled_back"] and report["errno"] == errno.ENOENT
+    assert report["verified"] is True and report["after"]["mismatches"] == 0
+
+
 # --- two processes, two network namespaces ---------------------------------------
 
 

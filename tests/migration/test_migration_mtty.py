@@ -162,9 +162,9 @@ def _meta() -> bytes:
     return stream.meta({"memory_size": MEM, "memory_base": 0, "page_size": 4096})
 
 
-def _deliver(dst: Endpoint, data: bytes) -> tuple[int, str]:
+def _deliver(dst: Endpoint, data: bytes, device_limit: int = 1 << 20) -> tuple[int, str]:
     """Send ``data`` then close, through a UNIX socketpair into a Receiver."""
-    receiver = Receiver(dst.dev, dst.mem)
+    receiver = Receiver(dst.dev, dst.mem, device_limit=device_limit)
     ours, theirs = socket.socketpair()
     worker = threading.Thread(target=serve_receiver, args=(theirs, receiver, 10.0))
     ours.settimeout(10.0)
@@ -268,6 +268,14 @@ def test_bad_stream_leaves_the_destination_reset_and_usable(
     assert err == want, text
     assert dst.dev.state() == State.RUNNING
     _usable(dst.client)  # no byte of the migrated FIFOs is there
+
+
+def test_device_state_over_the_limit_is_refused(hostile: tuple[Endpoint, bytes]) -> None:
+    dst, dev = hostile
+    err, text = _deliver(dst, b"".join(_frames(dev)), device_limit=len(dev) - 1)
+    assert err == errno.EFBIG, text
+    assert dst.dev.state() == State.RUNNING
+    _usable(dst.client)
 
 
 def test_destination_daemon_killed_mid_stream(pair: tuple[MttyDaemon, MttyDaemon]) -> None:
