@@ -5,6 +5,7 @@ mdevd parents
 mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
+mdevd migrate [send|receive] ...
 mdevd lab ...
 """
 
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("args", nargs=argparse.REMAINDER, help="e.g. dev param show")
 
     sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
+    sub.add_parser("migrate", help="live-migrate a device (mdevcore.migration.cli)", add_help=False)
     return p
 
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.lab.cli import main as lab_main  # another component; imported lazily
 
         return int(lab_main(args_list[1:]) or 0)
+    if args_list[:1] == ["migrate"]:
+        from mdevcore.migration.cli import main as migrate_main
+
+        return migrate_main(args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         if args.command == "serve":

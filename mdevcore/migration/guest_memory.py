@@ -46,6 +46,7 @@ class GuestMemory:
         self.mem = memoryview(self._map)
         self._next = base  # bump allocator
         self._dirty: set[int] = set()  # page numbers (relative to base) the VMM wrote
+        self._exported: list[memoryview] = []  # fd-less windows handed to clients
 
     # --- addressing -----------------------------------------------------------
 
@@ -118,7 +119,9 @@ class GuestMemory:
         if self.fdless:
             client.dma_map(self.base + mapped, self.fdless, _RW)
             # The client answers DMA_READ/WRITE for this part from our memory.
-            client.add_dma_buffer(self.base + mapped, self.mem[mapped:])  # type: ignore[arg-type]
+            window = self.mem[mapped:]
+            self._exported.append(window)
+            client.add_dma_buffer(self.base + mapped, window)  # type: ignore[arg-type]
 
     def unmap_from(self, client: Client) -> None:
         mapped = self.size - self.fdless
@@ -128,6 +131,11 @@ class GuestMemory:
             client.dma_unmap(self.base + mapped, self.fdless)
 
     def close(self) -> None:
+        # A client may still hold the fd-less window: release it so the map
+        # can close (the client's later use of it fails instead of reading freed memory).
+        for window in self._exported:
+            window.release()
+        self._exported.clear()
         self.mem.release()
         self._map.close()
         os.close(self.fd)

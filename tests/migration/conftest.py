@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+# The daemon runner (tests/daemon/mdevd_proc.py) and its test parent (tests/core).
+_TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_TESTS / "daemon"))
+sys.path.insert(0, str(_TESTS / "core"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
