@@ -14,6 +14,8 @@ in guest memory, migrated by hand back and forth, as tests/nvme does:
              copied; destination RESUMING, MIG_DATA_WRITE, RUNNING
 
 Downtime is from the source leaving RUNNING to the destination RUNNING.
+Then the migration tool itself (``mdevd migrate``) on 1 GiB of guest
+memory under the same workload: total time, rounds, bytes, downtime.
 Then DMA_LOGGING_REPORT over 4 GiB of mapped memory (a sparse memfd):
 over the socket, and DirtyLog.report alone, clean and with dirty pages.
 
@@ -285,6 +287,32 @@ def report_benchmark(workdir: str) -> None:
             print(f"  {kind.__name__:>14}.mark with {count:>4} logged ranges: {each * 1e6:8.2f} us")
 
 
+def tool_benchmark(workdir: str, memory: str = "1G") -> None:
+    """``mdevd migrate`` (the VMM tool) with ``memory`` of guest RAM, from its --json report."""
+    import json
+
+    backing = os.path.join(workdir, "tool.img")
+    socks = [os.path.join(workdir, f"tool{i}.sock") for i in (0, 1)]
+    servers = [start_server(sock, backing, NS_BYTES) for sock in socks]
+    try:
+        cmd = [sys.executable, "-m", "mdevcore.daemon.cli", "migrate", "local",
+               "--src", socks[0], "--dst", socks[1], "--workload", "nvme", "--memory", memory,
+               "--json", "--quiet"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+        if out.returncode != 0:
+            print(f"mdevd migrate failed ({out.returncode}): {out.stderr.strip()[-400:]}")
+            return
+        report = json.loads(out.stdout)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
+    print(f"mdevd migrate, {memory} of guest memory under the NVMe workload (16 queues x QD32):")
+    for key, value in report.items():
+        if not isinstance(value, dict | list):
+            print(f"  {key}: {value}")
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--serve":
         serve(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -295,6 +323,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="migbench-", dir=args.dir) as workdir:
         downtime_benchmark(workdir, args.migrations)
+        tool_benchmark(workdir)
         report_benchmark(workdir)
 
 
