@@ -1,0 +1,658 @@
+"""The second vfio-user transport: any DeviceBackend served through libvfio-user (C).
+
+:class:`LibvfioUserServer` has the interface of ``server.DeviceServer``
+(``serve``, ``disconnect``, ``connected``), so the daemon can use either.
+libvfio-user parses and answers the protocol; the device behind it is the
+same Python object the native engine serves.  How each concept is mapped:
+
+- **Socket and trio**: ``vfu_create_ctx(VFU_TRANS_SOCK, path,
+  LIBVFIO_USER_FLAG_ATTACH_NB)``; the task waits on ``vfu_get_poll_fd``
+  with ``trio.lowlevel.wait_readable`` and calls ``vfu_attach_ctx`` (listen
+  fd readable) or ``vfu_run_ctx`` (one request per call in non-blocking
+  mode) from the trio thread: no thread per device.  ``vfu_run_ctx``
+  failing with ENOTCONN means the client left: ``backend.disconnected()``
+  runs (device state kept) and the next client is accepted.
+- **Config space** (region 7) and BARs: region callbacks
+  (``VFU_REGION_FLAG_ALWAYS_CB`` for config) call ``backend.region_read`` /
+  ``region_write``, so the device keeps owning config space, capabilities
+  and write masks; libvfio-user's own config emulation is never reached.
+  Sparse mmap areas and fds come from ``backend.region_info``.
+- **IRQs**: counts per index from ``backend.irq_info``.  libvfio-user keeps
+  the client's eventfds to itself and offers no hook when SET_IRQS changes
+  them, so before each ``vfu_run_ctx`` the next message's header is peeked
+  (MSG_PEEK); a SET_IRQS is then peeked whole, with its fds (the kernel
+  installs copies), and after libvfio-user has answered it the same request
+  goes to ``backend.set_irqs``.  The device's own ``raise_irq`` therefore
+  signals the client's eventfds exactly as under the native engine (INTx
+  auto-mask, MSI-X masking/PBA included).
+- **DMA**: the register/unregister callbacks feed ``backend.dma_map`` /
+  ``dma_unmap``.  libvfio-user mmaps fd-backed regions itself and keeps the
+  fd in a private cache; the device gets an fd for the same file by opening
+  ``/proc/self/map_files/<vma>`` (root only) with the file offset from
+  ``/proc/self/maps``, and mmaps it as it does under the native engine.
+  Regions without an fd go through ``vfu_sgl_read`` / ``vfu_sgl_write`` via
+  the DmaPort handed to ``backend.connected``.  Those calls are synchronous
+  in libvfio-user (it sends DMA_READ/WRITE and blocks reading the reply on
+  the same socket), so a client must not have requests in flight meanwhile.
+- **Reset**: ``VFU_RESET_DEVICE`` / ``VFU_RESET_PCI_FLR`` -> ``backend.reset()``.
+- **Migration**: libvfio-user runs the FSM (its own arc table) and calls
+  ``transition`` once per arc, mapped onto ``backend.device_feature(SET
+  MIG_DEVICE_STATE)``; ``read_data``/``write_data`` map onto
+  ``mig_data_read``/``mig_data_write``.
+- **Dirty logging**: libvfio-user answers DMA_LOGGING_START/STOP/REPORT
+  itself, with one bitmap per fd-backed DMA region; its pages become dirty
+  only through ``vfu_sgl_put``/``vfu_sgl_mark_dirty`` (message-based DMA is
+  not logged).  The device's writes through its own mapping are invisible
+  to it, so a peeked DMA_LOGGING_START/STOP is also forwarded to the device
+  (which logs its writes as under the native engine), and before a peeked
+  DMA_LOGGING_REPORT the device's report for that range is drained into
+  libvfio-user's bitmap with ``vfu_sgl_mark_dirty``.
+
+Untrusted clients: libvfio-user reads a message body and negotiates VERSION
+with blocking calls on the trio thread.  SO_RCVTIMEO/SO_SNDTIMEO on the
+listening socket (inherited by each accepted one) bound how long a stalled
+client can hold the daemon (``io_timeout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from mdevcore.unix_listener import unlink_stale_socket
+from mdevcore.vfio_user import backend as vfio
+from mdevcore.vfio_user import libvfio_user_ffi as ffi_mod
+from mdevcore.vfio_user.backend import DeviceBackend, DmaMapping
+from mdevcore.vfio_user.constants import HEADER_SIZE, SERVER_MAX_DMA_MAPS, Command
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<HHIII")
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_PEEK_MAX = 64 * 1024
+_CMSG_SPACE = socket.CMSG_SPACE(64 * 4)
+_SET_IRQS = int(Command.DEVICE_SET_IRQS)
+_DEVICE_FEATURE = int(Command.DEVICE_FEATURE)
+_DEFAULT_IO_TIMEOUT = 5.0  # seconds, as QEMU's default x-msg-timeout
+# Requests handled back to back before other trio tasks get a turn.
+_BATCH = 32
+
+# vfu_migr_state_t -> VFIO migration v2 state
+_MIG_STATES = {
+    ffi_mod.VFU_MIGR_STATE_STOP: 1,
+    ffi_mod.VFU_MIGR_STATE_RUNNING: 2,
+    ffi_mod.VFU_MIGR_STATE_STOP_AND_COPY: 3,
+    ffi_mod.VFU_MIGR_STATE_RESUME: 4,
+    ffi_mod.VFU_MIGR_STATE_PRE_COPY: 6,
+}
+_PROT_READ = 1
+_PROT_WRITE = 2
+
+
+def _oserror(ffi: Any, what: str) -> OSError:
+    code = ffi.errno or errno.EIO
+    return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def mapping_file(vaddr: int) -> tuple[int, int]:
+    """(fd, file offset) of the shared file mapped at ``vaddr`` in this process.
+
+    Opens ``/proc/self/map_files/<start>-<end>`` (needs CAP_SYS_ADMIN); the
+    caller owns the fd.  OSError if nothing suitable is mapped there.
+    """
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            fields = line.split()
+            start_s, end_s = fields[0].split(b"-")
+            start, end = int(start_s, 16), int(end_s, 16)
+            if start <= vaddr < end:
+                pgoff = int(fields[2], 16)
+                name = f"/proc/self/map_files/{start_s.decode()}-{end_s.decode()}"
+                fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
+                return fd, pgoff + (vaddr - start)
+    raise OSError(errno.EFAULT, f"nothing mapped at {vaddr:#x}")
+
+
+class _VfuDmaPort:
+    """DmaPort over vfu_sgl_read/vfu_sgl_write (synchronous in libvfio-user)."""
+
+    def __init__(self, server: LibvfioUserServer) -> None:
+        self._server = server
+
+    def _transfer(self, address: int, count: int, data: bytes | None) -> bytes:
+        server = self._server
+        ffi, lib, ctx = server.ffi, server.lib, server.ctx
+        if ctx is None or not server.connected:
+            raise OSError(errno.ENOTCONN, "client gone")
+        prot = _PROT_WRITE if data is not None else _PROT_READ
+        sg = ffi.cast("dma_sg_t *", ffi.new("char[]", server.sg_size))
+        nr = lib.vfu_addr_to_sgl(ctx, ffi.cast("void *", address), count, sg, 1, prot)
+        if nr < 0:
+            raise _oserror(ffi, f"DMA {address:#x}+{count:#x}")
+        if nr != 1:
+            # The device's DMA table checks this too: a transfer stays in one mapping.
+            raise OSError(errno.EFAULT, f"DMA {address:#x}+{count:#x} spans {nr} mappings")
+        # DIRECT_ACCESS: a memcpy for regions libvfio-user mapped, else a
+        # DMA_READ/DMA_WRITE message (blocking until the client answers).
+        if data is None:
+            buf = ffi.new("char[]", count)
+            if lib.vfu_sgl_read(ctx, sg, 1, buf, ffi_mod.VFU_SGL_DIRECT_ACCESS) < 0:
+                raise _oserror(ffi, f"DMA_READ {address:#x}+{count:#x}")
+            return bytes(ffi.buffer(buf, count))
+        src = ffi.new("char[]", data)
+        if lib.vfu_sgl_write(ctx, sg, 1, src, ffi_mod.VFU_SGL_DIRECT_ACCESS) < 0:
+            raise _oserror(ffi, f"DMA_WRITE {address:#x}+{count:#x}")
+        return b""
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        return self._transfer(address, count, None)
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        self._transfer(address, len(data), bytes(data))
+
+
+class LibvfioUserServer:
+    """Serves one DeviceBackend on one UNIX socket through libvfio-user."""
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        io_timeout: float = _DEFAULT_IO_TIMEOUT,
+    ) -> None:
+        self.ffi, self.lib = ffi_mod.load()  # LibvfioUserMissing says how to install
+        self.backend = backend
+        self.path = os.fspath(path)
+        self.name = name
+        self.io_timeout = io_timeout
+        self.ctx: Any = None
+        self.sg_size = int(self.lib.dma_sg_size())
+        self._listen_fd = -1
+        self._conn_fd = -1
+        self._peek_sock: socket.socket | None = None
+        self._keep: list[Any] = []  # cffi callbacks and structs libvfio-user points to
+        self._scope: trio.CancelScope | None = None
+        self._clients_served = 0
+        self._dirty_page_size = 0  # the device's own DMA log page size, 0 = off
+        self.requests = 0
+
+    # --- DeviceServer interface ------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn_fd >= 0
+
+    def disconnect(self) -> None:
+        """Drop the current client now (device removal)."""
+        if self._peek_sock is not None:
+            log.info("%s: disconnecting the client", self.name)
+            with contextlib.suppress(OSError):
+                self._peek_sock.shutdown(socket.SHUT_RDWR)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, then serve clients one after another until cancelled (as DeviceServer)."""
+        ffi, lib = self.ffi, self.lib
+        unlink_stale_socket(self.path)
+        ctx = lib.vfu_create_ctx(
+            ffi_mod.VFU_TRANS_SOCK,
+            os.fsencode(self.path),
+            ffi_mod.LIBVFIO_USER_FLAG_ATTACH_NB,
+            ffi.NULL,
+            ffi_mod.VFU_DEV_TYPE_PCI,
+        )
+        if ctx == ffi.NULL:
+            raise _oserror(ffi, f"vfu_create_ctx({self.path})")
+        self.ctx = ctx
+        try:
+            self._setup()
+            if lib.vfu_realize_ctx(ctx) < 0:
+                raise _oserror(ffi, "vfu_realize_ctx")
+            self._listen_fd = lib.vfu_get_poll_fd(ctx)
+            self._set_timeouts(self._listen_fd)
+            log.info("%s: listening on %s (libvfio-user)", self.name, self.path)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.backend.run)
+                task_status.started()
+                await self._accept_loop()
+        finally:
+            if self.connected:
+                self._client_gone()
+            self.ctx = None
+            lib.vfu_destroy_ctx(ctx)  # unmaps DMA (callbacks run), unlinks the socket
+            self._keep.clear()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    # --- set-up -----------------------------------------------------------
+
+    def _setup(self) -> None:
+        ffi, lib, ctx = self.ffi, self.lib, self.ctx
+        config = self.backend.region_info(vfio.PCI_CONFIG_REGION_INDEX)
+        pci_type = (
+            ffi_mod.VFU_PCI_TYPE_EXPRESS if config.size > 256 else ffi_mod.VFU_PCI_TYPE_CONVENTIONAL
+        )
+        if lib.vfu_pci_init(ctx, pci_type, ffi_mod.PCI_HEADER_TYPE_NORMAL, 0) < 0:
+            raise _oserror(ffi, "vfu_pci_init")
+        for index in range(vfio.PCI_NUM_REGIONS):
+            self._setup_region(index)
+        for index in range(vfio.PCI_NUM_IRQS):
+            count = self.backend.irq_info(index).count
+            if lib.vfu_setup_device_nr_irqs(ctx, index, count) < 0:
+                raise _oserror(ffi, f"vfu_setup_device_nr_irqs({index}, {count})")
+        reg = self._callback("vfu_dma_register_cb_t *", self._dma_register)
+        unreg = self._callback("vfu_dma_unregister_cb_t *", self._dma_unregister)
+        if lib.vfu_setup_device_dma(ctx, SERVER_MAX_DMA_MAPS, reg, unreg) < 0:
+            raise _oserror(ffi, "vfu_setup_device_dma")
+        reset = self._callback("vfu_reset_cb_t *", self._reset, error=-1)
+        if lib.vfu_setup_device_reset_cb(ctx, reset) < 0:
+            raise _oserror(ffi, "vfu_setup_device_reset_cb")
+        if self._offers_migration():
+            callbacks = ffi.new(
+                "vfu_migration_callbacks_t *",
+                {
+                    "version": ffi_mod.VFU_MIGR_CALLBACKS_VERS,
+                    "transition": self._callback(
+                        "int (*)(vfu_ctx_t *, int)", self._transition, error=-1
+                    ),
+                    "read_data": self._callback(
+                        "ssize_t (*)(vfu_ctx_t *, void *, uint64_t)", self._mig_read, error=-1
+                    ),
+                    "write_data": self._callback(
+                        "ssize_t (*)(vfu_ctx_t *, void *, uint64_t)", self._mig_write, error=-1
+                    ),
+                },
+            )
+            self._keep.append(callbacks)
+            if lib.vfu_setup_device_migration_callbacks(ctx, callbacks) < 0:
+                raise _oserror(ffi, "vfu_setup_device_migration_callbacks")
+        level = ffi_mod.LOG_DEBUG if log.isEnabledFor(logging.DEBUG) else ffi_mod.LOG_INFO
+        lib.vfu_setup_log(ctx, self._callback("vfu_log_fn_t *", self._log), level)
+
+    def _callback(self, ctype: str, fn: Callable[..., Any], error: Any = None) -> Any:
+        cb = self.ffi.callback(ctype, fn, error=error)
+        self._keep.append(cb)
+        return cb
+
+    def _setup_region(self, index: int) -> None:
+        ffi, lib = self.ffi, self.lib
+        try:
+            info = self.backend.region_info(index)
+        except OSError:
+            return
+        if info.size == 0:
+            return
+        flags = 0
+        if info.flags & vfio.REGION_FLAG_READ:
+            flags |= ffi_mod.VFU_REGION_FLAG_READ
+        if info.flags & vfio.REGION_FLAG_WRITE:
+            flags |= ffi_mod.VFU_REGION_FLAG_WRITE
+        if index == vfio.PCI_CONFIG_REGION_INDEX:
+            flags |= ffi_mod.VFU_REGION_FLAG_ALWAYS_CB
+        elif index <= 5:
+            flags |= self._bar_flags(index)
+        areas: Any = ffi.NULL
+        nr_areas = 0
+        fd = -1
+        if info.flags & vfio.REGION_FLAG_MMAP and info.fd is not None:
+            fd = info.fd
+            if info.sparse_areas:
+                nr_areas = len(info.sparse_areas)
+                areas = ffi.new("struct iovec[]", nr_areas)
+                for i, area in enumerate(info.sparse_areas):
+                    areas[i].iov_base = ffi.cast("void *", area.offset)
+                    areas[i].iov_len = area.size
+        access = self._callback(
+            "vfu_region_access_cb_t *",
+            lambda _ctx, buf, count, offset, is_write: self._access(
+                index, buf, count, offset, is_write
+            ),
+            error=-1,
+        )
+        if (
+            lib.vfu_setup_region(
+                self.ctx, index, info.size, access, flags, areas, nr_areas, fd, info.fd_offset
+            )
+            < 0
+        ):
+            raise _oserror(ffi, f"vfu_setup_region({index}, size {info.size:#x})")
+
+    def _bar_flags(self, index: int) -> int:
+        """libvfio-user's BAR kind flags, from the device's own BAR register."""
+        low = int.from_bytes(
+            self.backend.region_read(vfio.PCI_CONFIG_REGION_INDEX, 0x10 + 4 * index, 4), "little"
+        )
+        if low & 1:  # I/O space
+            return 0
+        flags = ffi_mod.VFU_REGION_FLAG_MEM
+        if low & 0x6 == 0x4:
+            flags |= ffi_mod.VFU_REGION_FLAG_64_BITS
+        if low & 0x8:
+            flags |= ffi_mod.VFU_REGION_FLAG_PREFETCH
+        return flags
+
+    def _offers_migration(self) -> bool:
+        try:
+            self.backend.device_feature(
+                vfio.DEVICE_FEATURE_GET | vfio.DEVICE_FEATURE_MIGRATION, b""
+            )
+        except OSError:
+            return False
+        return True
+
+    def _set_timeouts(self, fd: int) -> None:
+        # Accepted sockets inherit these: a client that stalls mid-message
+        # costs at most io_timeout of the trio thread, not forever.
+        sec = int(self.io_timeout)
+        usec = int((self.io_timeout - sec) * 1e6)
+        tv = struct.pack("@ll", sec, usec)
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        finally:
+            sock.close()
+
+    # --- callbacks (run inside vfu_run_ctx, on the trio thread) ------------
+
+    def _fail(self, what: str, exc: BaseException) -> int:
+        if isinstance(exc, OSError) and exc.errno:
+            log.debug("%s: %s: %s", self.name, what, exc)
+            self.ffi.errno = exc.errno
+        else:
+            log.error("%s: device failed in %s", self.name, what, exc_info=exc)
+            self.ffi.errno = errno.EIO
+        return -1
+
+    def _access(self, index: int, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        try:
+            if is_write:
+                self.backend.region_write(index, offset, bytes(self.ffi.buffer(buf, count)))
+            else:
+                data = self.backend.region_read(index, offset, count)
+                if len(data) != count:
+                    raise OSError(errno.EIO, f"device returned {len(data)} of {count} bytes")
+                self.ffi.memmove(buf, data, count)
+        except BaseException as exc:
+            return self._fail(f"region {index} access at {offset:#x}", exc)
+        return count
+
+    def _dma_register(self, _ctx: Any, info: Any) -> None:
+        iova = int(self.ffi.cast("uintptr_t", info.iova.iov_base))
+        size = int(info.iova.iov_len)
+        flags = (vfio.DMA_MAP_FLAG_READ if info.prot & _PROT_READ else 0) | (
+            vfio.DMA_MAP_FLAG_WRITE if info.prot & _PROT_WRITE else 0
+        )
+        fd: int | None = None
+        offset = 0
+        if info.vaddr != self.ffi.NULL:
+            try:
+                fd, offset = mapping_file(int(self.ffi.cast("uintptr_t", info.vaddr)))
+            except OSError as e:
+                # Without the fd the device still reaches it, by vfu_sgl_read/write
+                # (a memcpy for a region libvfio-user mapped).
+                log.warning("%s: DMA %#x: no fd for the device (%s)", self.name, iova, e)
+        try:
+            self.backend.dma_map(DmaMapping(iova, size, flags, fd, offset))
+        except BaseException as exc:
+            # libvfio-user already accepted the map; the device will refuse DMA there.
+            self._fail(f"DMA map {iova:#x}+{size:#x}", exc)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _dma_unregister(self, _ctx: Any, info: Any) -> None:
+        iova = int(self.ffi.cast("uintptr_t", info.iova.iov_base))
+        try:
+            self.backend.dma_unmap(iova, int(info.iova.iov_len), 0)
+        except BaseException as exc:
+            self._fail(f"DMA unmap {iova:#x}", exc)
+
+    def _reset(self, _ctx: Any, kind: int) -> int:
+        if kind == ffi_mod.VFU_RESET_LOST_CONN:
+            return 0  # the serve loop calls backend.disconnected()
+        try:
+            self.backend.reset()
+        except BaseException as exc:
+            return self._fail("reset", exc)
+        return 0
+
+    def _transition(self, _ctx: Any, state: int) -> int:
+        try:
+            wanted = _MIG_STATES[state]
+            self.backend.device_feature(
+                vfio.DEVICE_FEATURE_SET | vfio.DEVICE_FEATURE_MIG_DEVICE_STATE,
+                struct.pack("<II", wanted, 0),
+            )
+        except BaseException as exc:
+            return self._fail(f"migration transition to {state}", exc)
+        return 0
+
+    def _mig_read(self, _ctx: Any, buf: Any, count: int) -> int:
+        try:
+            data = self.backend.mig_data_read(count)
+            if len(data) > count:
+                raise OSError(errno.EIO, "device returned more migration data than asked")
+            self.ffi.memmove(buf, data, len(data))
+        except BaseException as exc:
+            return self._fail("migration data read", exc)
+        return len(data)
+
+    def _mig_write(self, _ctx: Any, buf: Any, count: int) -> int:
+        try:
+            self.backend.mig_data_write(bytes(self.ffi.buffer(buf, count)))
+        except BaseException as exc:
+            return self._fail("migration data write", exc)
+        return count
+
+    def _log(self, _ctx: Any, level: int, msg: Any) -> None:
+        text = self.ffi.string(msg).decode(errors="replace")
+        # LOG_ERR and worse are mostly refused client requests: info, not errors.
+        pylevel = logging.DEBUG if level > 3 else logging.INFO
+        log.log(pylevel, "%s: libvfio-user: %s", self.name, text)
+
+    # --- serving ----------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._listen_fd)
+            if self.lib.vfu_attach_ctx(self.ctx) < 0:
+                code = self.ffi.errno
+                if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    log.info("%s: client refused: %s", self.name, os.strerror(code))
+                continue
+            self._clients_served += 1
+            label = f"{self.name}#{self._clients_served}"
+            self._conn_fd = self.lib.vfu_get_poll_fd(self.ctx)
+            self._peek_sock = socket.socket(fileno=os.dup(self._conn_fd))
+            self._peek_sock.setblocking(False)
+            log.info("%s: client connected", label)
+            try:
+                self._scope = trio.CancelScope()
+                with self._scope:
+                    try:
+                        self.backend.connected(_VfuDmaPort(self))
+                    except Exception:
+                        log.exception("%s: device failed in connected()", label)
+                        self.disconnect()
+                    await self._serve_client(label)
+            finally:
+                self._scope = None
+                if self.connected:
+                    self._client_gone()
+
+    async def _serve_client(self, label: str) -> None:
+        lib, ffi, ctx = self.lib, self.ffi, self.ctx
+        while True:
+            await trio.lowlevel.wait_readable(self._conn_fd)
+            for _ in range(_BATCH):
+                peeked = self._peek()
+                ret = lib.vfu_run_ctx(ctx)
+                if ret < 0:
+                    code = ffi.errno
+                    if peeked is not None:
+                        peeked.close()
+                    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        break
+                    if lib.vfu_get_poll_fd(ctx) != self._conn_fd or code == errno.ENOTCONN:
+                        log.info("%s: client gone (%s)", label, os.strerror(code))
+                        return
+                    log.info("%s: vfu_run_ctx: %s", label, os.strerror(code))
+                    break
+                if peeked is not None:
+                    peeked.forward(self)
+                if ret == 0:
+                    break
+                self.requests += 1
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def _client_gone(self) -> None:
+        if self._peek_sock is not None:
+            self._peek_sock.close()
+            self._peek_sock = None
+        self._conn_fd = -1
+        self._dirty_page_size = 0
+        try:
+            self.backend.disconnected()
+        except Exception:
+            log.exception("%s: device failed in disconnected()", self.name)
+
+    # --- what libvfio-user does not tell the device ------------------------
+
+    def _peek(self) -> _Peeked | None:
+        """The next request, if it is one the device must also see (module doc)."""
+        sock = self._peek_sock
+        if sock is None:
+            return None
+        try:
+            head = sock.recv(HEADER_SIZE, _PEEK)
+        except OSError:
+            return None
+        if len(head) < HEADER_SIZE:
+            return None
+        _msg_id, command, size, _flags, _err = _HEADER.unpack(head)
+        if command not in (_SET_IRQS, _DEVICE_FEATURE) or not HEADER_SIZE < size <= _PEEK_MAX:
+            return None
+        try:
+            data, ancdata, _msg_flags, _ = sock.recvmsg(size, _CMSG_SPACE, _PEEK)
+        except OSError:
+            return None
+        fds: list[int] = []
+        for level, kind, blob in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(blob) - len(blob) % 4
+                fds.extend(struct.unpack(f"<{usable // 4}i", blob[:usable]))
+        peeked = _Peeked(command, data[HEADER_SIZE:], fds)
+        if len(data) < size:
+            peeked.close()  # not all there yet: libvfio-user will block for it
+            log.warning("%s: request %d arrived in pieces; device not told", self.name, command)
+            return None
+        if command == _DEVICE_FEATURE:
+            peeked.before(self)
+        return peeked
+
+    def sync_dirty(self, iova: int, length: int) -> None:
+        """Drain the device's own dirty log for a range into libvfio-user's bitmap."""
+        page = self._dirty_page_size
+        if not page or length <= 0 or iova % page or length % page:
+            return
+        try:
+            report = self.backend.device_feature(
+                vfio.DEVICE_FEATURE_GET | vfio.DEVICE_FEATURE_DMA_LOGGING_REPORT,
+                struct.pack("<QQQ", iova, length, page),
+            )
+        except OSError as e:
+            log.debug("%s: device dirty report: %s", self.name, e)
+            return
+        bitmap = int.from_bytes(report[24:], "little")
+        ffi, lib, ctx = self.ffi, self.lib, self.ctx
+        sg = ffi.cast("dma_sg_t *", ffi.new("char[]", self.sg_size))
+        npages = length // page
+        i = 0
+        while i < npages:
+            if not bitmap >> i & 1:
+                i += 1
+                continue
+            run = i
+            while run < npages and bitmap >> run & 1:
+                run += 1
+            start, size = iova + i * page, (run - i) * page
+            ok = lib.vfu_addr_to_sgl(ctx, ffi.cast("void *", start), size, sg, 1, _PROT_WRITE)
+            if ok == 1 and lib.vfu_sg_is_mappable(ctx, sg):
+                lib.vfu_sgl_mark_dirty(ctx, sg, 1)
+            i = run
+
+
+class _Peeked:
+    """A peeked SET_IRQS or DEVICE_FEATURE, with the fd copies the peek installed."""
+
+    def __init__(self, command: int, payload: bytes, fds: list[int]) -> None:
+        self.command = command
+        self.payload = payload
+        self.fds = fds
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+    def before(self, server: LibvfioUserServer) -> None:
+        """DMA_LOGGING_REPORT: give libvfio-user the device's dirty pages first."""
+        p = self.payload
+        if len(p) < 8 + 24:
+            return
+        _argsz, flags = struct.unpack_from("<II", p)
+        feature = flags & vfio.DEVICE_FEATURE_MASK
+        if feature == vfio.DEVICE_FEATURE_DMA_LOGGING_REPORT and flags & vfio.DEVICE_FEATURE_GET:
+            iova, length, _page = struct.unpack_from("<QQQ", p, 8)
+            server.sync_dirty(iova, length)
+
+    def forward(self, server: LibvfioUserServer) -> None:
+        """After libvfio-user answered it: the same request to the device."""
+        try:
+            if self.command == _SET_IRQS:
+                self._set_irqs(server)
+            else:
+                self._feature(server)
+        finally:
+            self.close()
+
+    def _set_irqs(self, server: LibvfioUserServer) -> None:
+        p = self.payload
+        if len(p) < 20:
+            return
+        _argsz, flags, index, start, count = struct.unpack_from("<IIIII", p)
+        try:
+            server.backend.set_irqs(index, flags, start, count, p[20:], self.fds)
+        except OSError as e:
+            log.debug("%s: device refused SET_IRQS libvfio-user took: %s", server.name, e)
+
+    def _feature(self, server: LibvfioUserServer) -> None:
+        p = self.payload
+        if len(p) < 8:
+            return
+        _argsz, flags = struct.unpack_from("<II", p)
+        feature = flags & vfio.DEVICE_FEATURE_MASK
+        if not flags & vfio.DEVICE_FEATURE_SET or flags & vfio.DEVICE_FEATURE_PROBE:
+            return
+        if feature == vfio.DEVICE_FEATURE_DMA_LOGGING_START:
+            try:
+                reply = server.backend.device_feature(flags, p[8:])
+                server._dirty_page_size = struct.unpack_from("<Q", reply)[0]
+            except OSError as e:
+                log.debug("%s: device DMA logging start: %s", server.name, e)
+        elif feature == vfio.DEVICE_FEATURE_DMA_LOGGING_STOP:
+            server._dirty_page_size = 0
+            with contextlib.suppress(OSError):
+                server.backend.device_feature(flags, p[8:])
