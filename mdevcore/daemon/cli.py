@@ -1,6 +1,7 @@
 """``mdevd``: serve the mdev sysfs mirror, run mdevctl against it, or the lab.
 
 mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent SPEC]...
+            [--transport native|libvfio-user] [--parent-transport PARENT=TRANSPORT]...
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
 mdevd lab ...
@@ -31,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
         help="register another parent, e.g. pkg.mod:Driver@devices/virtual/foo/foo",
     )
     s.add_argument("--no-builtins", action="store_true", help="do not register built-in parents")
+    s.add_argument(
+        "--transport",
+        choices=("native", "libvfio-user"),
+        default="native",
+        help="vfio-user implementation serving the devices (default native)",
+    )
+    s.add_argument(
+        "--parent-transport",
+        action="append",
+        default=[],
+        metavar="PARENT=TRANSPORT",
+        help="serve the mdevs of one parent with another transport, e.g. mtty=libvfio-user",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     pds = s.add_argument_group("pds card (an SR-IOV PF with NVMe VFs)")
     pds.add_argument("--no-pds", action="store_true", help="no pds card")

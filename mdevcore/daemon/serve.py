@@ -26,7 +26,7 @@ from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
 from mdevcore.daemon.hosts import HostContext, HostedParent
 from mdevcore.daemon.persist import PersistStore
-from mdevcore.daemon.servers import UNIX_PATH_MAX, ServerManager
+from mdevcore.daemon.servers import LIBVFIO_USER, UNIX_PATH_MAX, ServerManager, TransportChoice
 from mdevcore.sysfs import MdevSysfs, qemu_device_arg
 from mdevcore.sysfs.fuse import check_mountpoint, mounted
 from mdevcore.sysfs.mounts import clear_stale_mount
@@ -43,6 +43,7 @@ def serve(args: argparse.Namespace) -> int:
         extra = tuple(builtins.ParentSpec.parse(text) for text in args.parent)
     except ValueError as e:
         raise OSError(errno.EINVAL, str(e)) from None
+    transports = _transports(args)
     run_dir: Path = args.run_dir
     sysfs: Path = args.sysfs or run_dir / "sys"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,13 +58,32 @@ def serve(args: argparse.Namespace) -> int:
     host_specs = () if args.no_builtins or args.no_pds else builtins.BUILTIN_HOSTS
     hosts = builtins.load_hosts(host_specs, {"pds": _pds_options(args)}, run_dir)
     try:
-        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts)
+        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts, transports)
     except BaseExceptionGroup as group:
         sole = _sole_os_error(group)
         if sole is group:
             raise
         raise sole from None
     return 0
+
+
+def _transports(args: argparse.Namespace) -> TransportChoice:
+    """--transport and --parent-transport; a missing libvfio-user fails here, at start."""
+    per_parent: dict[str, str] = {}
+    for item in args.parent_transport:
+        parent, sep, transport = item.partition("=")
+        if not sep or not parent:
+            raise OSError(errno.EINVAL, f"--parent-transport {item!r}: expected PARENT=TRANSPORT")
+        per_parent[parent] = transport
+    try:
+        choice = TransportChoice(args.transport, per_parent)
+    except ValueError as e:
+        raise OSError(errno.EINVAL, str(e)) from None
+    if choice.uses(LIBVFIO_USER):
+        from mdevcore.vfio_user.libvfio_user_ffi import load
+
+        load()  # LibvfioUserMissing (an OSError) says how to install it
+    return choice
 
 
 def _sole_os_error(group: BaseExceptionGroup) -> BaseException:
@@ -89,10 +109,11 @@ async def _serve(
     run_dir: Path,
     persist_dir: Path | None,
     hosts: Sequence[HostedParent] = (),
+    transports: TransportChoice | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            servers = ServerManager(core, run_dir, nursery)
+            servers = ServerManager(core, run_dir, nursery, transports or TransportChoice())
             host_servers = servers.servers  # VFs by BDF beside the mdevs by UUID
             devlink = DevlinkRegistry()
             settle = servers.settle
