@@ -473,8 +473,9 @@ class LibvfioUserServer:
             self._clients_served += 1
             label = f"{self.name}#{self._clients_served}"
             self._conn_fd = self.lib.vfu_get_poll_fd(self.ctx)
+            # A dup shares O_NONBLOCK with libvfio-user's fd, which it reads
+            # blocking: never set it, peek with MSG_DONTWAIT instead.
             self._peek_sock = socket.socket(fileno=os.dup(self._conn_fd))
-            self._peek_sock.setblocking(False)
             log.info("%s: client connected", label)
             try:
                 self._scope = trio.CancelScope()
