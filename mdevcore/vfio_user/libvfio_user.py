@@ -185,6 +185,7 @@ class LibvfioUserServer:
         self._clients_served = 0
         self._dirty_page_size = 0  # the device's own DMA log page size, 0 = off
         self.requests = 0
+        self.irq_counts = [0] * vfio.PCI_NUM_IRQS
 
     # --- DeviceServer interface ------------------------------------------
 
@@ -246,7 +247,11 @@ class LibvfioUserServer:
         for index in range(vfio.PCI_NUM_REGIONS):
             self._setup_region(index)
         for index in range(vfio.PCI_NUM_IRQS):
-            count = self.backend.irq_info(index).count
+            try:
+                count = self.backend.irq_info(index).count
+            except OSError:
+                count = 0  # the device has none of this kind (mtty: no MSI-X)
+            self.irq_counts[index] = count
             if lib.vfu_setup_device_nr_irqs(ctx, index, count) < 0:
                 raise _oserror(ffi, f"vfu_setup_device_nr_irqs({index}, {count})")
         reg = self._callback("vfu_dma_register_cb_t *", self._dma_register)
@@ -558,8 +563,7 @@ class LibvfioUserServer:
             peeked.close()  # not all there yet: libvfio-user will block for it
             log.warning("%s: request %d arrived in pieces; device not told", self.name, command)
             return None
-        if command == _DEVICE_FEATURE:
-            peeked.before(self)
+        peeked.before(self)
         return peeked
 
     def sync_dirty(self, iova: int, length: int) -> None:
@@ -609,7 +613,22 @@ class _Peeked:
         self.fds = []
 
     def before(self, server: LibvfioUserServer) -> None:
-        """DMA_LOGGING_REPORT: give libvfio-user the device's dirty pages first."""
+        """What the device must see before libvfio-user answers the client.
+
+        SET_IRQS: the client may look at its eventfds as soon as the reply
+        arrives (UNMASK delivers a pending interrupt), so the device gets
+        it first, when libvfio-user will accept it.  DMA_LOGGING_REPORT:
+        the device's dirty pages go into libvfio-user's bitmap first.
+        """
+        if self.command == _SET_IRQS:
+            try:
+                if lvu_accepts_set_irqs(
+                    self.payload, len(self.fds), server.irq_counts
+                ) and not _lvu_signals_itself(self.payload):
+                    self._set_irqs(server)
+            finally:
+                self.close()
+            return
         p = self.payload
         if len(p) < 8 + 24:
             return
@@ -622,9 +641,7 @@ class _Peeked:
     def forward(self, server: LibvfioUserServer) -> None:
         """After libvfio-user answered it: the same request to the device."""
         try:
-            if self.command == _SET_IRQS:
-                self._set_irqs(server)
-            else:
+            if self.command == _DEVICE_FEATURE:
                 self._feature(server)
         finally:
             self.close()
@@ -657,3 +674,49 @@ class _Peeked:
             server._dirty_page_size = 0
             with contextlib.suppress(OSError):
                 server.backend.device_feature(flags, p[8:])
+
+
+def _lvu_signals_itself(payload: bytes) -> bool:
+    """TRIGGER with DATA_NONE/DATA_BOOL on some vectors: a software trigger.
+
+    libvfio-user writes the eventfds itself (it holds the same client
+    eventfds as the device), so the device is not asked to signal them again.
+    """
+    _argsz, flags, _index, _start, count = struct.unpack_from("<IIIII", payload)
+    data = flags & (vfio.IRQ_SET_DATA_NONE | vfio.IRQ_SET_DATA_BOOL)
+    return bool(flags & vfio.IRQ_SET_ACTION_TRIGGER and data and count)
+
+
+_MAX_FDS = 8  # libvfio-user's SERVER_MAX_FDS: more fds in one message are refused
+
+
+def lvu_accepts_set_irqs(payload: bytes, nr_fds: int, irq_counts: list[int]) -> bool:
+    """Whether libvfio-user will accept this SET_IRQS (lib/irq.c's validation, rule by rule).
+
+    The device trusts the transport for the message's structure, so only
+    requests libvfio-user takes reach it.
+    """
+    if len(payload) < 20 or nr_fds > _MAX_FDS:
+        return False
+    argsz, flags, index, start, count = struct.unpack_from("<IIIII", payload)
+    action = flags & (
+        vfio.IRQ_SET_ACTION_MASK | vfio.IRQ_SET_ACTION_UNMASK | vfio.IRQ_SET_ACTION_TRIGGER
+    )
+    data = flags & (vfio.IRQ_SET_DATA_NONE | vfio.IRQ_SET_DATA_BOOL | vfio.IRQ_SET_DATA_EVENTFD)
+    err_or_req = index in (vfio.PCI_ERR_IRQ_INDEX, vfio.PCI_REQ_IRQ_INDEX)
+    return not (
+        argsz < 20
+        or (data == vfio.IRQ_SET_DATA_BOOL and len(payload) - 20 != count)
+        or index >= vfio.PCI_NUM_IRQS
+        or action
+        not in (vfio.IRQ_SET_ACTION_MASK, vfio.IRQ_SET_ACTION_UNMASK, vfio.IRQ_SET_ACTION_TRIGGER)
+        or data not in (vfio.IRQ_SET_DATA_NONE, vfio.IRQ_SET_DATA_BOOL, vfio.IRQ_SET_DATA_EVENTFD)
+        or start >= irq_counts[index]
+        or start + count > irq_counts[index]
+        or (err_or_req and (action != vfio.IRQ_SET_ACTION_TRIGGER or count > 1))
+        or (count == 0 and start != 0)
+        or (
+            count == 0 and (action != vfio.IRQ_SET_ACTION_TRIGGER or data != vfio.IRQ_SET_DATA_NONE)
+        )
+        or (nr_fds and (data != vfio.IRQ_SET_DATA_EVENTFD or nr_fds != count))
+    )
