@@ -15,7 +15,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -97,9 +97,9 @@ def gadget_transcript(served: Served) -> dict[str, Any]:
             out["version"] = (major, minor, sorted(caps))
             out["device_info"] = c.device_info()
             for i in range(10):
-                out[f"region_info {i}"] = errno_of(lambda i=i: _region_info(c, i))
+                out[f"region_info {i}"] = errno_of(partial(_region_info, c, i))
             for i in range(6):
-                out[f"irq_info {i}"] = errno_of(lambda i=i: c.irq_info(i))
+                out[f"irq_info {i}"] = errno_of(partial(c.irq_info, i))
             out["config 0-256"] = c.region_read(CFG, 0, 256).hex()
             out["config 256-4096"] = c.region_read(CFG, 256, 4096 - 256).hex()
             # BAR sizing and the command register: the device's write masks.
@@ -147,7 +147,7 @@ def gadget_transcript(served: Served) -> dict[str, Any]:
                 "index 5": (5, none | trigger, 0, 1, b"", []),
             }
             for what, args in bad_set_irqs.items():
-                out[f"set_irqs {what}"] = errno_of(lambda args=args: c.set_irqs(*args))
+                out[f"set_irqs {what}"] = errno_of(partial(c.set_irqs, *args))
             trio.from_thread.run_sync(dev.raise_irq, 1)
             out["msix vector 1 after bad SET_IRQS"] = _fired(efds[1])
             c.set_irqs(MSIX, boolean | trigger, 0, 2, b"\x00\x01")
@@ -379,7 +379,3 @@ async def test_interrupt_raised_by_the_device_reaches_the_clients_eventfd(sockdi
 def _waited(fd: int, timeout: float = 2.0) -> int:
     select.select([fd], [], [], timeout)
     return _fired(fd)
-
-
-def _unused(_: Callable[[], Any]) -> None:  # keeps the import list honest for ruff
-    return None
