@@ -676,6 +676,21 @@ class _Peeked:
                 server.backend.device_feature(flags, p[8:])
 
 
+async def serve_forever(
+    backend: DeviceBackend, path: str | os.PathLike[str], *, name: str = "vfio-user"
+) -> None:
+    """Serve through libvfio-user until SIGTERM or SIGINT (as server.serve_forever)."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(LibvfioUserServer(backend, path, name=name).serve)
+            async for signum in signals:
+                log.info("%s: signal %d, shutting down", name, signum)
+                nursery.cancel_scope.cancel()
+                break
+
+
 def _lvu_signals_itself(payload: bytes) -> bool:
     """TRIGGER with DATA_NONE/DATA_BOOL on some vectors: a software trigger.
 
