@@ -379,3 +379,47 @@ async def test_interrupt_raised_by_the_device_reaches_the_clients_eventfd(sockdi
 def _waited(fd: int, timeout: float = 2.0) -> int:
     select.select([fd], [], [], timeout)
     return _fired(fd)
+
+
+# --- dirty logging: the device's own DMA writes show in the report on both
+
+
+class MigratableGadget(Gadget):
+    """The Gadget plus STOP_COPY migration (nothing to save): DMA logging is offered."""
+
+    migration_flags = 1  # VFIO_MIGRATION_STOP_COPY
+
+    def save_state(self) -> bytes:
+        return b""
+
+    def load_state(self, data: bytes) -> None:
+        return None
+
+
+def dirty_transcript(served: Served) -> list[int]:
+    memfd = os.memfd_create("guest-ram")
+    os.ftruncate(memfd, 0x4000)
+    page = 4096
+    start = vfio.DEVICE_FEATURE_SET | vfio.DEVICE_FEATURE_DMA_LOGGING_START
+    report = vfio.DEVICE_FEATURE_GET | vfio.DEVICE_FEATURE_DMA_LOGGING_REPORT
+    reports = []
+    try:
+        with Client(served.path) as c:
+            c.negotiate()
+            c.dma_map(0x100000, 0x4000, RW, fd=memfd)
+            c.device_feature(start, struct.pack("<QIIQQ", page, 1, 0, 0x100000, 0x4000))
+            query = struct.pack("<QQQ", 0x100000, 0x4000, page)
+            for n, dst in enumerate((0x102000, 0x103FF8), start=1):
+                _doorbell(c, 0x100000, dst, 8)  # the device writes page 2, then page 3
+                _wait_reg(c, REG_DONE, n)
+                reports.append(_u64(c.device_feature(report, query)[2][24:32]))
+            reports.append(_u64(c.device_feature(report, query)[2][24:32]))  # cleared
+    finally:
+        os.close(memfd)
+    return reports
+
+
+async def test_device_dma_writes_are_in_the_dirty_report_on_both(sockdir: str) -> None:
+    async with serve_pair(MigratableGadget, sockdir) as (native, lvu):
+        assert await in_thread(lambda: dirty_transcript(native)) == [0b100, 0b1000, 0]
+        assert await in_thread(lambda: dirty_transcript(lvu)) == [0b100, 0b1000, 0]
