@@ -25,9 +25,8 @@ SCRIPT = Path(__file__).parents[2] / "samples" / "mtty" / "guest_loopback.sh"
 
 
 async def test_guest_loopback_and_reset_through_libvfio_user(tmp_path: Path) -> None:
-    from tools.lab.lab import Lab
-
     from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
+    from tools.lab.lab import Lab
 
     device = MttyDevice(2, name="mtty-2 guest (libvfio-user)")
     resets: list[bool] = []
