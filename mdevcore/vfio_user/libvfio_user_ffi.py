@@ -10,7 +10,7 @@ x86-64/aarch64 Linux.
 
 Where the library is looked for, first hit wins:
 
-1. ``$MDEVCORE_LIBVFIO_USER`` (a path to the .so);
+1. ``$MDEVCORE_LIBVFIO_USER`` (a path to the .so): when set, the only one;
 2. ``<sys.prefix>/lib/libvfio-user.so.0`` (``setup.sh`` installs it into
    the venv's prefix);
 3. the dynamic linker's search path (``libvfio-user.so.0``).
@@ -132,13 +132,10 @@ class LibvfioUserMissing(OSError):
 
 def candidates() -> list[str]:
     """Where the library is looked for, in order (see the module doc)."""
-    found = []
     env = os.environ.get(ENV_LIBRARY)
     if env:
-        found.append(env)
-    found.append(os.path.join(sys.prefix, "lib", SONAME))
-    found.append(SONAME)
-    return found
+        return [env]
+    return [os.path.join(sys.prefix, "lib", SONAME), SONAME]
 
 
 @functools.cache
