@@ -58,10 +58,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
+import signal
 import socket
 import struct
+import termios
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +88,10 @@ _DEVICE_FEATURE = int(Command.DEVICE_FEATURE)
 _DEFAULT_IO_TIMEOUT = 5.0  # seconds, as QEMU's default x-msg-timeout
 # Requests handled back to back before other trio tasks get a turn.
 _BATCH = 32
+# A request up to this size is handed to libvfio-user only once it is all
+# queued (a UNIX socket queues about the sender's SO_SNDBUF, ~208 KiB).
+_WHOLE_MAX = 128 * 1024
+_PARTIAL_POLL = 0.0005  # seconds between looks at a request still arriving
 
 # vfu_migr_state_t -> VFIO migration v2 state
 _MIG_STATES = {
@@ -100,6 +108,10 @@ _PROT_WRITE = 2
 def _oserror(ffi: Any, what: str) -> OSError:
     code = ffi.errno or errno.EIO
     return OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _interrupt_only(signum: int, frame: object) -> None:
+    """SIGALRM handler whose only job is to make a blocking syscall return EINTR."""
 
 
 def mapping_file(vaddr: int) -> tuple[int, int]:
@@ -184,6 +196,7 @@ class LibvfioUserServer:
         self._scope: trio.CancelScope | None = None
         self._clients_served = 0
         self._dirty_page_size = 0  # the device's own DMA log page size, 0 = off
+        self._dropping = False  # the client is being dropped: no more waiting for it
         self.requests = 0
         self.irq_counts = [0] * vfio.PCI_NUM_IRQS
 
@@ -470,7 +483,7 @@ class LibvfioUserServer:
     async def _accept_loop(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self._listen_fd)
-            if self.lib.vfu_attach_ctx(self.ctx) < 0:
+            if self._attach() < 0:
                 code = self.ffi.errno
                 if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
                     log.info("%s: client refused: %s", self.name, os.strerror(code))
@@ -481,6 +494,7 @@ class LibvfioUserServer:
             # A dup shares O_NONBLOCK with libvfio-user's fd, which it reads
             # blocking: never set it, peek with MSG_DONTWAIT instead.
             self._peek_sock = socket.socket(fileno=os.dup(self._conn_fd))
+            self._set_timeouts(self._conn_fd)
             log.info("%s: client connected", label)
             try:
                 self._scope = trio.CancelScope()
@@ -496,23 +510,60 @@ class LibvfioUserServer:
                 if self.connected:
                     self._client_gone()
 
+    def _attach(self) -> int:
+        """vfu_attach_ctx, its blocking VERSION exchange bounded by io_timeout.
+
+        libvfio-user accepts and then reads the client's VERSION with a
+        blocking recv; an AF_UNIX socket inherits no SO_RCVTIMEO from the
+        listener, so a SIGALRM interrupts a client that never sends one
+        (EINTR: libvfio-user drops it).  Only the main thread may set
+        signal handlers; elsewhere (tests in worker threads) it runs unguarded.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return int(self.lib.vfu_attach_ctx(self.ctx))
+        previous = signal.signal(signal.SIGALRM, _interrupt_only)
+        signal.setitimer(signal.ITIMER_REAL, self.io_timeout)
+        try:
+            return int(self.lib.vfu_attach_ctx(self.ctx))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
     async def _serve_client(self, label: str) -> None:
         lib, ffi, ctx = self.lib, self.ffi, self.ctx
         while True:
             await trio.lowlevel.wait_readable(self._conn_fd)
             for _ in range(_BATCH):
-                peeked = self._peek()
+                head, missing = self._next_message()
+                if missing < 0:
+                    break  # nothing more to read now
+                if missing:
+                    # libvfio-user would block reading it (or read it short and
+                    # lose the stream): let the rest arrive in trio first.
+                    if not await self._wait_for(missing):
+                        log.warning(
+                            "%s: request incomplete after %ss: dropped", label, self.io_timeout
+                        )
+                        # Shut down: libvfio-user then reads what is there,
+                        # finds the end and resets the connection (ENOTCONN).
+                        self.disconnect()
+                        self._dropping = True
+                    continue
+                peeked = self._peek(head) if head else None
                 ret = lib.vfu_run_ctx(ctx)
-                if ret < 0:
-                    code = ffi.errno
+                code = ffi.errno
+                if lib.vfu_get_poll_fd(ctx) != self._conn_fd:
+                    # libvfio-user reset the connection (EOF, or a reply it
+                    # could not send); it may still have returned >= 0.
                     if peeked is not None:
                         peeked.close()
-                    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-                        break
-                    if lib.vfu_get_poll_fd(ctx) != self._conn_fd or code == errno.ENOTCONN:
-                        log.info("%s: client gone (%s)", label, os.strerror(code))
-                        return
-                    log.info("%s: vfu_run_ctx: %s", label, os.strerror(code))
+                    log.info("%s: client gone (%s)", label, os.strerror(code))
+                    return
+                if ret < 0:
+                    if peeked is not None:
+                        peeked.close()
+                    if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        log.info("%s: vfu_run_ctx: %s", label, os.strerror(code))
                     break
                 if peeked is not None:
                     peeked.forward(self)
@@ -522,11 +573,52 @@ class LibvfioUserServer:
             else:
                 await trio.lowlevel.checkpoint()
 
+    def _queued(self) -> int:
+        buf = fcntl.ioctl(self._conn_fd, termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
+
+    def _next_message(self) -> tuple[bytes, int]:
+        """(the next request's header if queued, bytes to wait for; -1: nothing to read).
+
+        At EOF it is (b"", 0): vfu_run_ctx then finds the client gone.
+        Requests larger than a socket can queue are
+        not waited for (libvfio-user reads them as they come).
+        """
+        sock = self._peek_sock
+        assert sock is not None
+        if self._dropping:
+            return b"", 0
+        queued = self._queued()
+        if queued == 0:
+            # Between looking and vfu_run_ctx a request may arrive, which
+            # libvfio-user would then handle unpeeked: only an EOF goes on.
+            try:
+                return b"", 0 if not sock.recv(1, _PEEK) else -1
+            except BlockingIOError:
+                return b"", -1
+        if queued < HEADER_SIZE:
+            return b"", HEADER_SIZE
+        head = sock.recv(HEADER_SIZE, _PEEK)
+        size = _HEADER.unpack(head)[2]
+        if queued < size <= _WHOLE_MAX:
+            return head, size
+        return head, 0
+
+    async def _wait_for(self, total: int) -> bool:
+        """Until ``total`` bytes are queued; False after io_timeout or when the client left."""
+        deadline = trio.current_time() + self.io_timeout
+        while self._queued() < total:
+            if trio.current_time() > deadline or self._peek_sock is None:
+                return False
+            await trio.sleep(_PARTIAL_POLL)
+        return True
+
     def _client_gone(self) -> None:
         if self._peek_sock is not None:
             self._peek_sock.close()
             self._peek_sock = None
         self._conn_fd = -1
+        self._dropping = False
         self._dirty_page_size = 0
         try:
             self.backend.disconnected()
@@ -535,19 +627,13 @@ class LibvfioUserServer:
 
     # --- what libvfio-user does not tell the device ------------------------
 
-    def _peek(self) -> _Peeked | None:
+    def _peek(self, head: bytes) -> _Peeked | None:
         """The next request, if it is one the device must also see (module doc)."""
         sock = self._peek_sock
-        if sock is None:
-            return None
-        try:
-            head = sock.recv(HEADER_SIZE, _PEEK)
-        except OSError:
-            return None
-        if len(head) < HEADER_SIZE:
-            return None
         _msg_id, command, size, _flags, _err = _HEADER.unpack(head)
-        if command not in (_SET_IRQS, _DEVICE_FEATURE) or not HEADER_SIZE < size <= _PEEK_MAX:
+        if sock is None or command not in (_SET_IRQS, _DEVICE_FEATURE):
+            return None
+        if not HEADER_SIZE < size <= _PEEK_MAX:
             return None
         try:
             data, ancdata, _msg_flags, _ = sock.recvmsg(size, _CMSG_SPACE, _PEEK)
@@ -559,9 +645,8 @@ class LibvfioUserServer:
                 usable = len(blob) - len(blob) % 4
                 fds.extend(struct.unpack(f"<{usable // 4}i", blob[:usable]))
         peeked = _Peeked(command, data[HEADER_SIZE:], fds)
-        if len(data) < size:
-            peeked.close()  # not all there yet: libvfio-user will block for it
-            log.warning("%s: request %d arrived in pieces; device not told", self.name, command)
+        if len(data) < size:  # cannot happen: _next_message waited for all of it
+            peeked.close()
             return None
         peeked.before(self)
         return peeked

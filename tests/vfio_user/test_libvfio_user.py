@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import select
+import socket
 import struct
 import time
 from functools import partial
@@ -423,3 +424,49 @@ async def test_device_dma_writes_are_in_the_dirty_report_on_both(sockdir: str) -
     async with serve_pair(MigratableGadget, sockdir) as (native, lvu):
         assert await in_thread(lambda: dirty_transcript(native)) == [0b100, 0b1000, 0]
         assert await in_thread(lambda: dirty_transcript(lvu)) == [0b100, 0b1000, 0]
+
+
+# --- clients that stall: libvfio-user reads blocking; what that may cost
+
+
+async def test_stalled_clients_cost_at_most_io_timeout(sockdir: str) -> None:
+    from mdevcore.vfio_user.constants import Command
+    from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
+    from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
+
+    device = Gadget()
+    path = os.path.join(sockdir, "stall.sock")
+    read = HEADER.pack(7, Command.REGION_READ, 32, 0, 0) + REGION_ACCESS.pack(0x40, 0, 4)
+
+    def go() -> None:
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(path)  # and never sends VERSION
+        # libvfio-user listens with a backlog of 0: a connect with a timeout
+        # (non-blocking) while another is still pending gets EAGAIN, so
+        # let the server take the silent one first.
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        with Client(path) as c:
+            c.negotiate()
+            assert time.monotonic() - t0 < 2.0  # the silent one was given up on
+            silent.settimeout(2)
+            assert silent.recv(16) == b""
+            c.send_raw(read[:10])  # a request arriving in pieces, within the timeout
+            time.sleep(0.1)
+            c.send_raw(read[10:])
+            assert c.wait_reply(7).payload[16:] == bytes([0xA5 ^ 0x40]) * 4
+            c.send_raw(read[:20])  # one that stalls: the client is dropped
+            c.sock.settimeout(3)
+            assert c.sock.recv(16) == b""
+        silent.close()
+        with Client(path) as c:  # and the next one is served
+            c.negotiate()
+            assert c.region_read(0, 0x40, 4) == bytes([0xA5 ^ 0x40]) * 4
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(LibvfioUserServer(device, path, name="stall", io_timeout=0.3).serve)
+            await in_thread(go)
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
