@@ -58,13 +58,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import signal
 import socket
 import struct
-import termios
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +74,7 @@ from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user import libvfio_user_ffi as ffi_mod
 from mdevcore.vfio_user.backend import DeviceBackend, DmaMapping
 from mdevcore.vfio_user.constants import HEADER_SIZE, SERVER_MAX_DMA_MAPS, Command
+from mdevcore.vfio_user.libvfio_user_accept import Acceptor, queued
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +90,7 @@ _BATCH = 32
 # A request up to this size is handed to libvfio-user only once it is all
 # queued (a UNIX socket queues about the sender's SO_SNDBUF, ~208 KiB).
 _WHOLE_MAX = 128 * 1024
+_PEEK_WINDOW = 4096  # bytes peeked to see a whole small request at once
 _PARTIAL_POLL = 0.0005  # seconds between looks at a request still arriving
 
 # vfu_migr_state_t -> VFIO migration v2 state
@@ -197,6 +197,7 @@ class LibvfioUserServer:
         self._clients_served = 0
         self._dirty_page_size = 0  # the device's own DMA log page size, 0 = off
         self._dropping = False  # the client is being dropped: no more waiting for it
+        self._peek_buf = bytearray(_PEEK_WINDOW)
         self.requests = 0
         self.irq_counts = [0] * vfio.PCI_NUM_IRQS
 
@@ -481,43 +482,76 @@ class LibvfioUserServer:
     # --- serving ----------------------------------------------------------
 
     async def _accept_loop(self) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(self._listen_fd)
-            if self._attach() < 0:
-                code = self.ffi.errno
-                if code not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    log.info("%s: client refused: %s", self.name, os.strerror(code))
-                continue
-            self._clients_served += 1
-            label = f"{self.name}#{self._clients_served}"
-            self._conn_fd = self.lib.vfu_get_poll_fd(self.ctx)
-            # A dup shares O_NONBLOCK with libvfio-user's fd, which it reads
-            # blocking: never set it, peek with MSG_DONTWAIT instead.
-            self._peek_sock = socket.socket(fileno=os.dup(self._conn_fd))
-            self._set_timeouts(self._conn_fd)
-            log.info("%s: client connected", label)
-            try:
-                self._scope = trio.CancelScope()
-                with self._scope:
-                    try:
-                        self.backend.connected(_VfuDmaPort(self))
-                    except Exception:
-                        log.exception("%s: device failed in connected()", label)
-                        self.disconnect()
-                    await self._serve_client(label)
-            finally:
-                self._scope = None
-                if self.connected:
-                    self._client_gone()
+        acceptor = Acceptor(self._listen_fd, self.path, self.io_timeout)
+        try:
+            while True:
+                if not acceptor.waiting:
+                    await trio.lowlevel.wait_readable(self._listen_fd)
+                acceptor.take_pending()
+                if not acceptor.waiting:
+                    continue
+                client = acceptor.waiting.popleft()
+                if not await self._hand_over(acceptor, client):
+                    continue
+                await self._serve_attached()
+        finally:
+            acceptor.close()
+
+    async def _hand_over(self, acceptor: Acceptor, client: socket.socket) -> bool:
+        """Attach ``client`` to libvfio-user (libvfio_user_accept's module doc)."""
+        first = await acceptor.first_message(client)
+        if first is None:
+            log.info("%s: client sent no whole first message in %ss", self.name, self.io_timeout)
+            client.close()
+            return False
+        try:
+            helper = acceptor.connect_helper(*first)
+        except OSError as e:
+            log.warning("%s: cannot reach libvfio-user's socket: %s", self.name, e)
+            client.close()
+            return False
+        with helper:
+            ret = self._attach()
+            code = self.ffi.errno
+            acceptor.relay_reply(helper, client)
+            if ret < 0:
+                log.info("%s: client refused: %s", self.name, os.strerror(code))
+                client.close()
+                return False
+            Acceptor.swap_in(client, self.lib.vfu_get_poll_fd(self.ctx))
+        return True
+
+    async def _serve_attached(self) -> None:
+        self._clients_served += 1
+        label = f"{self.name}#{self._clients_served}"
+        self._conn_fd = self.lib.vfu_get_poll_fd(self.ctx)
+        # A dup shares O_NONBLOCK with libvfio-user's fd, which it reads
+        # blocking: never set it, peek with MSG_DONTWAIT instead.
+        self._peek_sock = socket.socket(fileno=os.dup(self._conn_fd))
+        self._set_timeouts(self._conn_fd)
+        log.info("%s: client connected", label)
+        try:
+            self._scope = trio.CancelScope()
+            with self._scope:
+                try:
+                    self.backend.connected(_VfuDmaPort(self))
+                except Exception:
+                    log.exception("%s: device failed in connected()", label)
+                    self.disconnect()
+                await self._serve_client(label)
+        finally:
+            self._scope = None
+            if self.connected:
+                self._client_gone()
 
     def _attach(self) -> int:
-        """vfu_attach_ctx, its blocking VERSION exchange bounded by io_timeout.
+        """vfu_attach_ctx, bounded by io_timeout should it ever wait.
 
-        libvfio-user accepts and then reads the client's VERSION with a
-        blocking recv; an AF_UNIX socket inherits no SO_RCVTIMEO from the
-        listener, so a SIGALRM interrupts a client that never sends one
-        (EINTR: libvfio-user drops it).  Only the main thread may set
-        signal handlers; elsewhere (tests in worker threads) it runs unguarded.
+        The helper connection has the VERSION queued, so it should not; but
+        libvfio-user's recv is blocking and an AF_UNIX socket inherits no
+        SO_RCVTIMEO, so a SIGALRM stands guard (EINTR: libvfio-user gives
+        up).  Only the main thread may set signal handlers; elsewhere
+        (tests in worker threads) it runs unguarded.
         """
         if threading.current_thread() is not threading.main_thread():
             return int(self.lib.vfu_attach_ctx(self.ctx))
@@ -574,8 +608,8 @@ class LibvfioUserServer:
                 await trio.lowlevel.checkpoint()
 
     def _queued(self) -> int:
-        buf = fcntl.ioctl(self._conn_fd, termios.FIONREAD, b"\0\0\0\0")
-        return int(struct.unpack("i", buf)[0])
+        sock = self._peek_sock
+        return queued(sock) if sock is not None else 0
 
     def _next_message(self) -> tuple[bytes, int]:
         """(the next request's header if queued, bytes to wait for; -1: nothing to read).
@@ -588,19 +622,20 @@ class LibvfioUserServer:
         assert sock is not None
         if self._dropping:
             return b"", 0
-        queued = self._queued()
-        if queued == 0:
-            # Between looking and vfu_run_ctx a request may arrive, which
-            # libvfio-user would then handle unpeeked: only an EOF goes on.
-            try:
-                return b"", 0 if not sock.recv(1, _PEEK) else -1
-            except BlockingIOError:
-                return b"", -1
-        if queued < HEADER_SIZE:
+        # One peek tells whether a small request is all there (the usual case).
+        try:
+            n = sock.recv_into(self._peek_buf, _PEEK_WINDOW, _PEEK)
+        except BlockingIOError:
+            # Nothing queued.  A request arriving before vfu_run_ctx would be
+            # handled unpeeked: wait for it in trio instead.
+            return b"", -1
+        if n == 0:
+            return b"", 0  # EOF
+        if n < HEADER_SIZE:
             return b"", HEADER_SIZE
-        head = sock.recv(HEADER_SIZE, _PEEK)
+        head = bytes(self._peek_buf[:HEADER_SIZE])
         size = _HEADER.unpack(head)[2]
-        if queued < size <= _WHOLE_MAX:
+        if n < size <= _WHOLE_MAX and self._queued() < size:
             return head, size
         return head, 0
 
