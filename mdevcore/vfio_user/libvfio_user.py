@@ -48,10 +48,15 @@ same Python object the native engine serves.  How each concept is mapped:
   DMA_LOGGING_REPORT the device's report for that range is drained into
   libvfio-user's bitmap with ``vfu_sgl_mark_dirty``.
 
-Untrusted clients: libvfio-user reads a message body and negotiates VERSION
-with blocking calls on the trio thread.  SO_RCVTIMEO/SO_SNDTIMEO on the
-listening socket (inherited by each accepted one) bound how long a stalled
-client can hold the daemon (``io_timeout``).
+Untrusted clients: libvfio-user reads with blocking calls on the trio
+thread.  So the server accepts clients itself and hands one to libvfio-user
+only once its VERSION is all there (``libvfio_user_accept``); a request is
+handed to ``vfu_run_ctx`` only once it is all queued (up to 128 KiB; a
+client that leaves one half-sent for ``io_timeout`` is dropped); and
+SO_RCVTIMEO/SO_SNDTIMEO bound what remains (a DMA reply, a reply the client
+does not read).  Modules: ``libvfio_user_ffi`` (cffi declarations, loader),
+``libvfio_user_accept`` (clients to libvfio-user), ``libvfio_user_dma``
+(DMA), ``libvfio_user_forward`` (what the device must also see).
 """
 
 from __future__ import annotations
@@ -73,17 +78,20 @@ from mdevcore.unix_listener import unlink_stale_socket
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user import libvfio_user_ffi as ffi_mod
 from mdevcore.vfio_user.backend import DeviceBackend, DmaMapping
-from mdevcore.vfio_user.constants import HEADER_SIZE, SERVER_MAX_DMA_MAPS, Command
+from mdevcore.vfio_user.constants import HEADER_SIZE, SERVER_MAX_DMA_MAPS
 from mdevcore.vfio_user.libvfio_user_accept import Acceptor, queued
+from mdevcore.vfio_user.libvfio_user_dma import (
+    PROT_READ,
+    PROT_WRITE,
+    VfuDmaPort,
+    mapping_file,
+    oserror,
+)
+from mdevcore.vfio_user.libvfio_user_forward import HEADER, peek_request
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<HHIII")
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
-_PEEK_MAX = 64 * 1024
-_CMSG_SPACE = socket.CMSG_SPACE(64 * 4)
-_SET_IRQS = int(Command.DEVICE_SET_IRQS)
-_DEVICE_FEATURE = int(Command.DEVICE_FEATURE)
 _DEFAULT_IO_TIMEOUT = 5.0  # seconds, as QEMU's default x-msg-timeout
 # Requests handled back to back before other trio tasks get a turn.
 _BATCH = 32
@@ -101,74 +109,10 @@ _MIG_STATES = {
     ffi_mod.VFU_MIGR_STATE_RESUME: 4,
     ffi_mod.VFU_MIGR_STATE_PRE_COPY: 6,
 }
-_PROT_READ = 1
-_PROT_WRITE = 2
-
-
-def _oserror(ffi: Any, what: str) -> OSError:
-    code = ffi.errno or errno.EIO
-    return OSError(code, f"{what}: {os.strerror(code)}")
 
 
 def _interrupt_only(signum: int, frame: object) -> None:
     """SIGALRM handler whose only job is to make a blocking syscall return EINTR."""
-
-
-def mapping_file(vaddr: int) -> tuple[int, int]:
-    """(fd, file offset) of the shared file mapped at ``vaddr`` in this process.
-
-    Opens ``/proc/self/map_files/<start>-<end>`` (needs CAP_SYS_ADMIN); the
-    caller owns the fd.  OSError if nothing suitable is mapped there.
-    """
-    with open("/proc/self/maps", "rb") as f:
-        for line in f:
-            fields = line.split()
-            start_s, end_s = fields[0].split(b"-")
-            start, end = int(start_s, 16), int(end_s, 16)
-            if start <= vaddr < end:
-                pgoff = int(fields[2], 16)
-                name = f"/proc/self/map_files/{start_s.decode()}-{end_s.decode()}"
-                fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
-                return fd, pgoff + (vaddr - start)
-    raise OSError(errno.EFAULT, f"nothing mapped at {vaddr:#x}")
-
-
-class _VfuDmaPort:
-    """DmaPort over vfu_sgl_read/vfu_sgl_write (synchronous in libvfio-user)."""
-
-    def __init__(self, server: LibvfioUserServer) -> None:
-        self._server = server
-
-    def _transfer(self, address: int, count: int, data: bytes | None) -> bytes:
-        server = self._server
-        ffi, lib, ctx = server.ffi, server.lib, server.ctx
-        if ctx is None or not server.connected:
-            raise OSError(errno.ENOTCONN, "client gone")
-        prot = _PROT_WRITE if data is not None else _PROT_READ
-        sg = ffi.cast("dma_sg_t *", ffi.new("char[]", server.sg_size))
-        nr = lib.vfu_addr_to_sgl(ctx, ffi.cast("void *", address), count, sg, 1, prot)
-        if nr < 0:
-            raise _oserror(ffi, f"DMA {address:#x}+{count:#x}")
-        if nr != 1:
-            # The device's DMA table checks this too: a transfer stays in one mapping.
-            raise OSError(errno.EFAULT, f"DMA {address:#x}+{count:#x} spans {nr} mappings")
-        # DIRECT_ACCESS: a memcpy for regions libvfio-user mapped, else a
-        # DMA_READ/DMA_WRITE message (blocking until the client answers).
-        if data is None:
-            buf = ffi.new("char[]", count)
-            if lib.vfu_sgl_read(ctx, sg, 1, buf, ffi_mod.VFU_SGL_DIRECT_ACCESS) < 0:
-                raise _oserror(ffi, f"DMA_READ {address:#x}+{count:#x}")
-            return bytes(ffi.buffer(buf, count))
-        src = ffi.new("char[]", data)
-        if lib.vfu_sgl_write(ctx, sg, 1, src, ffi_mod.VFU_SGL_DIRECT_ACCESS) < 0:
-            raise _oserror(ffi, f"DMA_WRITE {address:#x}+{count:#x}")
-        return b""
-
-    async def dma_read(self, address: int, count: int) -> bytes:
-        return self._transfer(address, count, None)
-
-    async def dma_write(self, address: int, data: bytes) -> None:
-        self._transfer(address, len(data), bytes(data))
 
 
 class LibvfioUserServer:
@@ -195,7 +139,7 @@ class LibvfioUserServer:
         self._keep: list[Any] = []  # cffi callbacks and structs libvfio-user points to
         self._scope: trio.CancelScope | None = None
         self._clients_served = 0
-        self._dirty_page_size = 0  # the device's own DMA log page size, 0 = off
+        self.device_dirty_page_size = 0  # the device's own DMA log page size, 0 = off
         self._dropping = False  # the client is being dropped: no more waiting for it
         self._peek_buf = bytearray(_PEEK_WINDOW)
         self.requests = 0
@@ -226,12 +170,12 @@ class LibvfioUserServer:
             ffi_mod.VFU_DEV_TYPE_PCI,
         )
         if ctx == ffi.NULL:
-            raise _oserror(ffi, f"vfu_create_ctx({self.path})")
+            raise oserror(ffi, f"vfu_create_ctx({self.path})")
         self.ctx = ctx
         try:
             self._setup()
             if lib.vfu_realize_ctx(ctx) < 0:
-                raise _oserror(ffi, "vfu_realize_ctx")
+                raise oserror(ffi, "vfu_realize_ctx")
             self._listen_fd = lib.vfu_get_poll_fd(ctx)
             self._set_timeouts(self._listen_fd)
             log.info("%s: listening on %s (libvfio-user)", self.name, self.path)
@@ -257,7 +201,7 @@ class LibvfioUserServer:
             ffi_mod.VFU_PCI_TYPE_EXPRESS if config.size > 256 else ffi_mod.VFU_PCI_TYPE_CONVENTIONAL
         )
         if lib.vfu_pci_init(ctx, pci_type, ffi_mod.PCI_HEADER_TYPE_NORMAL, 0) < 0:
-            raise _oserror(ffi, "vfu_pci_init")
+            raise oserror(ffi, "vfu_pci_init")
         for index in range(vfio.PCI_NUM_REGIONS):
             self._setup_region(index)
         for index in range(vfio.PCI_NUM_IRQS):
@@ -267,14 +211,14 @@ class LibvfioUserServer:
                 count = 0  # the device has none of this kind (mtty: no MSI-X)
             self.irq_counts[index] = count
             if lib.vfu_setup_device_nr_irqs(ctx, index, count) < 0:
-                raise _oserror(ffi, f"vfu_setup_device_nr_irqs({index}, {count})")
+                raise oserror(ffi, f"vfu_setup_device_nr_irqs({index}, {count})")
         reg = self._callback("vfu_dma_register_cb_t *", self._dma_register)
         unreg = self._callback("vfu_dma_unregister_cb_t *", self._dma_unregister)
         if lib.vfu_setup_device_dma(ctx, SERVER_MAX_DMA_MAPS, reg, unreg) < 0:
-            raise _oserror(ffi, "vfu_setup_device_dma")
+            raise oserror(ffi, "vfu_setup_device_dma")
         reset = self._callback("vfu_reset_cb_t *", self._reset, error=-1)
         if lib.vfu_setup_device_reset_cb(ctx, reset) < 0:
-            raise _oserror(ffi, "vfu_setup_device_reset_cb")
+            raise oserror(ffi, "vfu_setup_device_reset_cb")
         if self._offers_migration():
             callbacks = ffi.new(
                 "vfu_migration_callbacks_t *",
@@ -293,7 +237,7 @@ class LibvfioUserServer:
             )
             self._keep.append(callbacks)
             if lib.vfu_setup_device_migration_callbacks(ctx, callbacks) < 0:
-                raise _oserror(ffi, "vfu_setup_device_migration_callbacks")
+                raise oserror(ffi, "vfu_setup_device_migration_callbacks")
         level = ffi_mod.LOG_DEBUG if log.isEnabledFor(logging.DEBUG) else ffi_mod.LOG_INFO
         lib.vfu_setup_log(ctx, self._callback("vfu_log_fn_t *", self._log), level)
 
@@ -343,7 +287,7 @@ class LibvfioUserServer:
             )
             < 0
         ):
-            raise _oserror(ffi, f"vfu_setup_region({index}, size {info.size:#x})")
+            raise oserror(ffi, f"vfu_setup_region({index}, size {info.size:#x})")
 
     def _bar_flags(self, index: int) -> int:
         """libvfio-user's BAR kind flags, from the device's own BAR register."""
@@ -408,8 +352,8 @@ class LibvfioUserServer:
     def _dma_register(self, _ctx: Any, info: Any) -> None:
         iova = int(self.ffi.cast("uintptr_t", info.iova.iov_base))
         size = int(info.iova.iov_len)
-        flags = (vfio.DMA_MAP_FLAG_READ if info.prot & _PROT_READ else 0) | (
-            vfio.DMA_MAP_FLAG_WRITE if info.prot & _PROT_WRITE else 0
+        flags = (vfio.DMA_MAP_FLAG_READ if info.prot & PROT_READ else 0) | (
+            vfio.DMA_MAP_FLAG_WRITE if info.prot & PROT_WRITE else 0
         )
         fd: int | None = None
         offset = 0
@@ -534,7 +478,7 @@ class LibvfioUserServer:
             self._scope = trio.CancelScope()
             with self._scope:
                 try:
-                    self.backend.connected(_VfuDmaPort(self))
+                    self.backend.connected(VfuDmaPort(self))
                 except Exception:
                     log.exception("%s: device failed in connected()", label)
                     self.disconnect()
@@ -583,7 +527,8 @@ class LibvfioUserServer:
                         self.disconnect()
                         self._dropping = True
                     continue
-                peeked = self._peek(head) if head else None
+                sock = self._peek_sock
+                peeked = peek_request(self, sock, head) if head and sock else None
                 ret = lib.vfu_run_ctx(ctx)
                 code = ffi.errno
                 if lib.vfu_get_poll_fd(ctx) != self._conn_fd:
@@ -634,7 +579,7 @@ class LibvfioUserServer:
         if n < HEADER_SIZE:
             return b"", HEADER_SIZE
         head = bytes(self._peek_buf[:HEADER_SIZE])
-        size = _HEADER.unpack(head)[2]
+        size = HEADER.unpack(head)[2]
         if n < size <= _WHOLE_MAX and self._queued() < size:
             return head, size
         return head, 0
@@ -654,146 +599,13 @@ class LibvfioUserServer:
             self._peek_sock = None
         self._conn_fd = -1
         self._dropping = False
-        self._dirty_page_size = 0
+        self.device_dirty_page_size = 0
         try:
             self.backend.disconnected()
         except Exception:
             log.exception("%s: device failed in disconnected()", self.name)
 
     # --- what libvfio-user does not tell the device ------------------------
-
-    def _peek(self, head: bytes) -> _Peeked | None:
-        """The next request, if it is one the device must also see (module doc)."""
-        sock = self._peek_sock
-        _msg_id, command, size, _flags, _err = _HEADER.unpack(head)
-        if sock is None or command not in (_SET_IRQS, _DEVICE_FEATURE):
-            return None
-        if not HEADER_SIZE < size <= _PEEK_MAX:
-            return None
-        try:
-            data, ancdata, _msg_flags, _ = sock.recvmsg(size, _CMSG_SPACE, _PEEK)
-        except OSError:
-            return None
-        fds: list[int] = []
-        for level, kind, blob in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(blob) - len(blob) % 4
-                fds.extend(struct.unpack(f"<{usable // 4}i", blob[:usable]))
-        peeked = _Peeked(command, data[HEADER_SIZE:], fds)
-        if len(data) < size:  # cannot happen: _next_message waited for all of it
-            peeked.close()
-            return None
-        peeked.before(self)
-        return peeked
-
-    def sync_dirty(self, iova: int, length: int) -> None:
-        """Drain the device's own dirty log for a range into libvfio-user's bitmap."""
-        page = self._dirty_page_size
-        if not page or length <= 0 or iova % page or length % page:
-            return
-        try:
-            report = self.backend.device_feature(
-                vfio.DEVICE_FEATURE_GET | vfio.DEVICE_FEATURE_DMA_LOGGING_REPORT,
-                struct.pack("<QQQ", iova, length, page),
-            )
-        except OSError as e:
-            log.debug("%s: device dirty report: %s", self.name, e)
-            return
-        bitmap = int.from_bytes(report[24:], "little")
-        ffi, lib, ctx = self.ffi, self.lib, self.ctx
-        sg = ffi.cast("dma_sg_t *", ffi.new("char[]", self.sg_size))
-        npages = length // page
-        i = 0
-        while i < npages:
-            if not bitmap >> i & 1:
-                i += 1
-                continue
-            run = i
-            while run < npages and bitmap >> run & 1:
-                run += 1
-            start, size = iova + i * page, (run - i) * page
-            ok = lib.vfu_addr_to_sgl(ctx, ffi.cast("void *", start), size, sg, 1, _PROT_WRITE)
-            if ok == 1 and lib.vfu_sg_is_mappable(ctx, sg):
-                lib.vfu_sgl_mark_dirty(ctx, sg, 1)
-            i = run
-
-
-class _Peeked:
-    """A peeked SET_IRQS or DEVICE_FEATURE, with the fd copies the peek installed."""
-
-    def __init__(self, command: int, payload: bytes, fds: list[int]) -> None:
-        self.command = command
-        self.payload = payload
-        self.fds = fds
-
-    def close(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
-
-    def before(self, server: LibvfioUserServer) -> None:
-        """What the device must see before libvfio-user answers the client.
-
-        SET_IRQS: the client may look at its eventfds as soon as the reply
-        arrives (UNMASK delivers a pending interrupt), so the device gets
-        it first, when libvfio-user will accept it.  DMA_LOGGING_REPORT:
-        the device's dirty pages go into libvfio-user's bitmap first.
-        """
-        if self.command == _SET_IRQS:
-            try:
-                if lvu_accepts_set_irqs(
-                    self.payload, len(self.fds), server.irq_counts
-                ) and not _lvu_signals_itself(self.payload):
-                    self._set_irqs(server)
-            finally:
-                self.close()
-            return
-        p = self.payload
-        if len(p) < 8 + 24:
-            return
-        _argsz, flags = struct.unpack_from("<II", p)
-        feature = flags & vfio.DEVICE_FEATURE_MASK
-        if feature == vfio.DEVICE_FEATURE_DMA_LOGGING_REPORT and flags & vfio.DEVICE_FEATURE_GET:
-            iova, length, _page = struct.unpack_from("<QQQ", p, 8)
-            server.sync_dirty(iova, length)
-
-    def forward(self, server: LibvfioUserServer) -> None:
-        """After libvfio-user answered it: the same request to the device."""
-        try:
-            if self.command == _DEVICE_FEATURE:
-                self._feature(server)
-        finally:
-            self.close()
-
-    def _set_irqs(self, server: LibvfioUserServer) -> None:
-        p = self.payload
-        if len(p) < 20:
-            return
-        _argsz, flags, index, start, count = struct.unpack_from("<IIIII", p)
-        try:
-            server.backend.set_irqs(index, flags, start, count, p[20:], self.fds)
-        except OSError as e:
-            log.debug("%s: device refused SET_IRQS libvfio-user took: %s", server.name, e)
-
-    def _feature(self, server: LibvfioUserServer) -> None:
-        p = self.payload
-        if len(p) < 8:
-            return
-        _argsz, flags = struct.unpack_from("<II", p)
-        feature = flags & vfio.DEVICE_FEATURE_MASK
-        if not flags & vfio.DEVICE_FEATURE_SET or flags & vfio.DEVICE_FEATURE_PROBE:
-            return
-        if feature == vfio.DEVICE_FEATURE_DMA_LOGGING_START:
-            try:
-                reply = server.backend.device_feature(flags, p[8:])
-                server._dirty_page_size = struct.unpack_from("<Q", reply)[0]
-            except OSError as e:
-                log.debug("%s: device DMA logging start: %s", server.name, e)
-        elif feature == vfio.DEVICE_FEATURE_DMA_LOGGING_STOP:
-            server._dirty_page_size = 0
-            with contextlib.suppress(OSError):
-                server.backend.device_feature(flags, p[8:])
 
 
 async def serve_forever(
@@ -809,49 +621,3 @@ async def serve_forever(
                 log.info("%s: signal %d, shutting down", name, signum)
                 nursery.cancel_scope.cancel()
                 break
-
-
-def _lvu_signals_itself(payload: bytes) -> bool:
-    """TRIGGER with DATA_NONE/DATA_BOOL on some vectors: a software trigger.
-
-    libvfio-user writes the eventfds itself (it holds the same client
-    eventfds as the device), so the device is not asked to signal them again.
-    """
-    _argsz, flags, _index, _start, count = struct.unpack_from("<IIIII", payload)
-    data = flags & (vfio.IRQ_SET_DATA_NONE | vfio.IRQ_SET_DATA_BOOL)
-    return bool(flags & vfio.IRQ_SET_ACTION_TRIGGER and data and count)
-
-
-_MAX_FDS = 8  # libvfio-user's SERVER_MAX_FDS: more fds in one message are refused
-
-
-def lvu_accepts_set_irqs(payload: bytes, nr_fds: int, irq_counts: list[int]) -> bool:
-    """Whether libvfio-user will accept this SET_IRQS (lib/irq.c's validation, rule by rule).
-
-    The device trusts the transport for the message's structure, so only
-    requests libvfio-user takes reach it.
-    """
-    if len(payload) < 20 or nr_fds > _MAX_FDS:
-        return False
-    argsz, flags, index, start, count = struct.unpack_from("<IIIII", payload)
-    action = flags & (
-        vfio.IRQ_SET_ACTION_MASK | vfio.IRQ_SET_ACTION_UNMASK | vfio.IRQ_SET_ACTION_TRIGGER
-    )
-    data = flags & (vfio.IRQ_SET_DATA_NONE | vfio.IRQ_SET_DATA_BOOL | vfio.IRQ_SET_DATA_EVENTFD)
-    err_or_req = index in (vfio.PCI_ERR_IRQ_INDEX, vfio.PCI_REQ_IRQ_INDEX)
-    return not (
-        argsz < 20
-        or (data == vfio.IRQ_SET_DATA_BOOL and len(payload) - 20 != count)
-        or index >= vfio.PCI_NUM_IRQS
-        or action
-        not in (vfio.IRQ_SET_ACTION_MASK, vfio.IRQ_SET_ACTION_UNMASK, vfio.IRQ_SET_ACTION_TRIGGER)
-        or data not in (vfio.IRQ_SET_DATA_NONE, vfio.IRQ_SET_DATA_BOOL, vfio.IRQ_SET_DATA_EVENTFD)
-        or start >= irq_counts[index]
-        or start + count > irq_counts[index]
-        or (err_or_req and (action != vfio.IRQ_SET_ACTION_TRIGGER or count > 1))
-        or (count == 0 and start != 0)
-        or (
-            count == 0 and (action != vfio.IRQ_SET_ACTION_TRIGGER or data != vfio.IRQ_SET_DATA_NONE)
-        )
-        or (nr_fds and (data != vfio.IRQ_SET_DATA_EVENTFD or nr_fds != count))
-    )
