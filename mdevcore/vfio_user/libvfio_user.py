@@ -6,12 +6,14 @@ libvfio-user parses and answers the protocol; the device behind it is the
 same Python object the native engine serves.  How each concept is mapped:
 
 - **Socket and trio**: ``vfu_create_ctx(VFU_TRANS_SOCK, path,
-  LIBVFIO_USER_FLAG_ATTACH_NB)``; the task waits on ``vfu_get_poll_fd``
-  with ``trio.lowlevel.wait_readable`` and calls ``vfu_attach_ctx`` (listen
-  fd readable) or ``vfu_run_ctx`` (one request per call in non-blocking
-  mode) from the trio thread: no thread per device.  ``vfu_run_ctx``
-  failing with ENOTCONN means the client left: ``backend.disconnected()``
-  runs (device state kept) and the next client is accepted.
+  LIBVFIO_USER_FLAG_ATTACH_NB)``; ``vfu_attach_ctx`` once a client's
+  VERSION has arrived (see below), then the task waits on
+  ``vfu_get_poll_fd`` with ``trio.lowlevel.wait_readable`` and calls
+  ``vfu_run_ctx`` (one request per call in non-blocking mode) from the trio
+  thread: no thread per device.  When libvfio-user drops the connection
+  (``vfu_get_poll_fd`` is the listening socket again; ENOTCONN)
+  ``backend.disconnected()`` runs (device state kept) and the next client
+  is accepted.
 - **Config space** (region 7) and BARs: region callbacks
   (``VFU_REGION_FLAG_ALWAYS_CB`` for config) call ``backend.region_read`` /
   ``region_write``, so the device keeps owning config space, capabilities
@@ -19,12 +21,14 @@ same Python object the native engine serves.  How each concept is mapped:
   Sparse mmap areas and fds come from ``backend.region_info``.
 - **IRQs**: counts per index from ``backend.irq_info``.  libvfio-user keeps
   the client's eventfds to itself and offers no hook when SET_IRQS changes
-  them, so before each ``vfu_run_ctx`` the next message's header is peeked
-  (MSG_PEEK); a SET_IRQS is then peeked whole, with its fds (the kernel
-  installs copies), and after libvfio-user has answered it the same request
-  goes to ``backend.set_irqs``.  The device's own ``raise_irq`` therefore
+  them, so each SET_IRQS is peeked whole, with its fds (the kernel installs
+  copies), and given to ``backend.set_irqs`` before ``vfu_run_ctx``
+  answers it, when libvfio-user's own checks will accept it
+  (``libvfio_user_forward``).  The device's ``raise_irq`` therefore
   signals the client's eventfds exactly as under the native engine (INTx
-  auto-mask, MSI-X masking/PBA included).
+  auto-mask, MSI-X masking and PBA included); only a software trigger
+  (DATA_NONE/DATA_BOOL TRIGGER) is left to libvfio-user, which signals the
+  same eventfds itself.
 - **DMA**: the register/unregister callbacks feed ``backend.dma_map`` /
   ``dma_unmap``.  libvfio-user mmaps fd-backed regions itself and keeps the
   fd in a private cache; the device gets an fd for the same file by opening
