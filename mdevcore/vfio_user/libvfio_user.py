@@ -98,7 +98,7 @@ log = logging.getLogger(__name__)
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _DEFAULT_IO_TIMEOUT = 5.0  # seconds, as QEMU's default x-msg-timeout
 # Requests handled back to back before other trio tasks get a turn.
-_BATCH = 32
+_BATCH = 64
 # A request up to this size is handed to libvfio-user only once it is all
 # queued (a UNIX socket queues about the sender's SO_SNDBUF, ~208 KiB).
 _WHOLE_MAX = 128 * 1024
@@ -145,7 +145,10 @@ class LibvfioUserServer:
         self._clients_served = 0
         self.device_dirty_page_size = 0  # the device's own DMA log page size, 0 = off
         self._dropping = False  # the client is being dropped: no more waiting for it
+        # What the last peek saw of the queue: requests at [_window_pos,
+        # _window_len) are known whole; _next_size is the one about to go.
         self._peek_buf = bytearray(_PEEK_WINDOW)
+        self._window_pos = self._window_len = self._next_size = 0
         self.requests = 0
         self.irq_counts = [0] * vfio.PCI_NUM_IRQS
 
@@ -515,6 +518,9 @@ class LibvfioUserServer:
         lib, ffi, ctx = self.lib, self.ffi, self.ctx
         while True:
             await trio.lowlevel.wait_readable(self._conn_fd)
+            # Other tasks ran meanwhile (a DmaPort transfer reads the socket):
+            # what was peeked before may be gone.
+            self._window_len = 0
             for _ in range(_BATCH):
                 head, missing = self._next_message()
                 if missing < 0:
@@ -542,6 +548,10 @@ class LibvfioUserServer:
                         peeked.close()
                     log.info("%s: client gone (%s)", label, os.strerror(code))
                     return
+                if ret == 1 and self._next_size:
+                    self._window_pos += self._next_size  # libvfio-user took exactly that
+                else:
+                    self._window_len = 0
                 if ret < 0:
                     if peeked is not None:
                         peeked.close()
@@ -571,7 +581,17 @@ class LibvfioUserServer:
         assert sock is not None
         if self._dropping:
             return b"", 0
-        # One peek tells whether a small request is all there (the usual case).
+        self._next_size = 0
+        pos, end = self._window_pos, self._window_len
+        if end - pos >= HEADER_SIZE:
+            # Still in what was peeked: no syscall while a burst lasts.
+            head = bytes(self._peek_buf[pos : pos + HEADER_SIZE])
+            size = HEADER.unpack(head)[2]
+            if HEADER_SIZE <= size <= end - pos:
+                self._next_size = size
+                return head, 0
+        # Peek afresh: the next whole requests, as many as fit the window.
+        self._window_pos = self._window_len = 0
         try:
             n = sock.recv_into(self._peek_buf, _PEEK_WINDOW, _PEEK)
         except BlockingIOError:
@@ -584,9 +604,14 @@ class LibvfioUserServer:
             return b"", HEADER_SIZE
         head = bytes(self._peek_buf[:HEADER_SIZE])
         size = HEADER.unpack(head)[2]
-        if n < size <= _WHOLE_MAX and self._queued() < size:
-            return head, size
-        return head, 0
+        if HEADER_SIZE <= size <= n:
+            self._window_len, self._next_size = n, size
+            return head, 0
+        if not HEADER_SIZE < size <= _WHOLE_MAX:
+            return head, 0  # libvfio-user refuses it, or reads it as it comes
+        # Larger than the window, or a peek that stopped where fds were
+        # attached: ask for the queue's length.
+        return head, size if self._queued() < size else 0
 
     async def _wait_for(self, total: int) -> bool:
         """Until ``total`` bytes are queued; False after io_timeout or when the client left."""
