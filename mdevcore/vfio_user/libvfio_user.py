@@ -442,7 +442,12 @@ class LibvfioUserServer:
                 if not acceptor.waiting:
                     continue
                 client = acceptor.waiting.popleft()
-                if not await self._hand_over(acceptor, client):
+                try:
+                    attached = await self._hand_over(acceptor, client)
+                except BaseException:
+                    client.close()  # cancelled while waiting for its VERSION
+                    raise
+                if not attached:
                     continue
                 await self._serve_attached()
         finally:

@@ -584,3 +584,39 @@ async def test_random_requests_get_the_same_answers(sockdir: str) -> None:
     assert not unexplained, unexplained
     assert same + sum(explained.values()) == count
     assert same > count * 0.85
+
+
+async def test_no_fd_leaks_across_clients(sockdir: str) -> None:
+    """Peeked SET_IRQS fds, map_files fds for DMA, region fds: none stay behind."""
+
+    def session(path: str) -> None:
+        efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4)]
+        memfd = os.memfd_create("ram")
+        os.ftruncate(memfd, 0x2000)
+        try:
+            with Client(path) as c:
+                c.negotiate()
+                c.set_irqs(MSIX, TRIGGER_EVENTFD, 0, 4, fds=efds)
+                c.dma_map(0x100000, 0x2000, RW, fd=memfd)
+                info = c.region_info(2)
+                assert info.fd is not None
+                os.close(info.fd)
+                c.dma_unmap(0x100000, 0x2000)
+                c.dma_map(0x100000, 0x2000, RW, fd=memfd)  # left mapped: dropped on disconnect
+        finally:
+            os.close(memfd)
+            for fd in efds:
+                os.close(fd)
+
+    async def cycle(served: Served) -> None:
+        await in_thread(lambda: session(served.path))
+        with trio.fail_after(5):
+            while served.server.connected:
+                await trio.sleep(0.01)
+
+    async with serve_pair(Gadget, sockdir) as (_, lvu):
+        await cycle(lvu)  # warm-up: the first client may allocate for good
+        before = set(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            await cycle(lvu)
+        assert set(os.listdir("/proc/self/fd")) == before
