@@ -7,6 +7,8 @@ Boots lab guests (tools.lab, TCG on these machines) that run fio
   qemu-nvme     QEMU's built-in ``-device nvme`` (cache=none)
   pds-trapped   our VF over vfio-user, doorbells as REGION_WRITE messages
   pds-mmap      our VF over vfio-user, doorbells in an mmapped page, polled
+  lvu-trapped   pds-trapped with the VF served through libvfio-user (cffi)
+  lvu-mmap      pds-mmap through libvfio-user
 
 Prints IOPS per variant and depth and the ratio of each VF variant to QEMU.
 
@@ -57,7 +59,13 @@ def parse(output: str) -> dict[int, float]:
 
 
 async def run_vf(
-    lab: Lab, backing: str, size_mib: int, mode: DoorbellMode, script: str, timeout: float
+    lab: Lab,
+    backing: str,
+    size_mib: int,
+    mode: DoorbellMode,
+    script: str,
+    timeout: float,
+    transport: str = "native",
 ) -> dict[int, float]:
     workdir = tempfile.mkdtemp(prefix="nvb-")
     vf = PdsNvmeVf(VfConfig(backing=backing, size=size_mib << 20, doorbells=mode, io_queues=4))
@@ -65,7 +73,13 @@ async def run_vf(
     device = json.dumps({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}})
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(DeviceServer(vf, sock, name=f"pds-{mode.value}").serve)
+            if transport == "libvfio-user":
+                from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
+
+                server = LibvfioUserServer(vf, sock, name=f"lvu-{mode.value}")
+                await nursery.start(server.serve)
+            else:
+                await nursery.start(DeviceServer(vf, sock, name=f"pds-{mode.value}").serve)
             result = await lab.aboot(
                 script, devices=[device], timeout=timeout, extra_binaries=["fio"]
             )
@@ -116,9 +130,17 @@ def main() -> None:
             if variant == "qemu-nvme":
                 results[variant] = run_qemu_nvme(lab, backing, script, timeout)
             else:
-                mode = DoorbellMode(variant.removeprefix("pds-"))
+                kind, _, mode_name = variant.partition("-")
+                transport = "libvfio-user" if kind == "lvu" else "native"
                 results[variant] = trio.run(
-                    run_vf, lab, backing, args.size_mib, mode, script, timeout
+                    run_vf,
+                    lab,
+                    backing,
+                    args.size_mib,
+                    DoorbellMode(mode_name),
+                    script,
+                    timeout,
+                    transport,
                 )
             print(
                 f"{variant:12s} "

@@ -8,6 +8,8 @@ Prints figures, asserts nothing.  Servers, each in its own process:
   python raw         DeviceServer (defaults) + a bytearray-backed DeviceBackend
   python raw spin 20 the same, polling up to 20 us before parking in trio
   python PciDevice   DeviceServer + a PciDevice with one MEM32 BAR
+  libvfio-user PciDevice  the same PciDevice served through libvfio-user (cffi),
+                     when the library is installed (setup.sh)
 Clients: the project's blocking Client (Python) and benchmarks/c/client.c.
 Measured: REGION_READ of 4 bytes (median and p99 round trip over --reads
 requests after 1000 warm-up) and REGION_WRITE with No_reply (msgs/s, ended
@@ -124,24 +126,28 @@ def build() -> None:
 
 
 SERVERS = (
-    # label, device class (None = the C responder, "echo" = bare trio), spin_us
-    ("C responder", None, 0.0),
-    ("trio echo spin 0", "echo", 0.0),
-    ("python raw", "RawDevice", DEFAULT_SPIN_US),
-    ("python raw spin 20", "RawDevice", 20.0),
-    ("python PciDevice", "PciBench", DEFAULT_SPIN_US),
+    # label, device class (None = the C responder, "echo" = bare trio), spin_us, transport
+    ("C responder", None, 0.0, "native"),
+    ("trio echo spin 0", "echo", 0.0, "native"),
+    ("python raw", "RawDevice", DEFAULT_SPIN_US, "native"),
+    ("python raw spin 20", "RawDevice", 20.0, "native"),
+    ("python PciDevice", "PciBench", DEFAULT_SPIN_US, "native"),
+    ("libvfio-user PciDevice", "PciBench", 0.0, "libvfio-user"),
 )
 
 
-def start_server(device: str | None, spin_us: float, path: str) -> subprocess.Popen[bytes]:
+def start_server(
+    device: str | None, spin_us: float, path: str, transport: str = "native"
+) -> subprocess.Popen[bytes]:
     if device is None:
         cmd = [str(BUILD / "responder"), path]
     elif device == "echo":
         cmd = [sys.executable, __file__, "--serve-echo", path]
     else:
         cmd = [sys.executable, "-m", "mdevcore.vfio_user", "--device", f"vfio_user_rtt:{device}",
-               "--socket", path, "--spin-us", str(spin_us)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{ROOT}")
+               "--socket", path, "--spin-us", str(spin_us), "--transport", transport]  # fmt: skip
+    pythonpath = os.pathsep.join(filter(None, (str(HERE), str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 30
     while not os.path.exists(path):
@@ -247,14 +253,20 @@ def main() -> None:
         trio.run(serve_echo, args.serve_echo)
         return
     build()
+    from mdevcore.vfio_user.libvfio_user_ffi import available
+
+    missing = available()
+    servers = [s for s in SERVERS if s[3] == "native" or missing is None]
+    if missing is not None:
+        print(f"(no libvfio-user row: {missing})")
     # samples[(label, client)] = [(median, p99, rate), ...], one per round.
     # Rounds interleave the servers so a noisy neighbour hits them alike.
     samples: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="vu-bench-") as d:
         for round_ in range(args.rounds):
-            for i, (label, device, spin_us) in enumerate(SERVERS):
+            for i, (label, device, spin_us, transport) in enumerate(servers):
                 path = os.path.join(d, f"{round_}-{i}.sock")
-                proc = start_server(device, spin_us, path)
+                proc = start_server(device, spin_us, path, transport)
                 try:
                     for client_name, fn in (("python", python_client), ("C", c_client)):
                         result = fn(path, args.reads, args.writes)
@@ -271,11 +283,11 @@ def main() -> None:
         f"REGION_READ 4 bytes: {args.reads} round trips; REGION_WRITE No_reply: {args.writes}; "
         f"median of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'server':<20}{'client':<8}{'median us':>10}{'p99 us':>9}{'x floor':>9}"
+    print(f"{'server':<24}{'client':<8}{'median us':>10}{'p99 us':>9}{'x floor':>9}"
           f"{'posted msg/s':>14}")  # fmt: skip
     for label, client, med, p99, rate in rows:
         ratio = med / floor[client]
-        print(f"{label:<20}{client:<8}{med:>10.2f}{p99:>9.2f}{ratio:>9.2f}{rate:>14,.0f}")
+        print(f"{label:<24}{client:<8}{med:>10.2f}{p99:>9.2f}{ratio:>9.2f}{rate:>14,.0f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``mdevd``: serve the mdev sysfs mirror, run mdevctl against it, or the lab.
 
 mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent-opt NAME.KEY=VALUE]...
+            [--transport native|libvfio-user] [--parent-transport PARENT=TRANSPORT]...
 mdevd parents
 mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
@@ -50,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--no-builtins", action="store_true", help="register no plug-ins, only --parent ones"
+    )
+    s.add_argument(
+        "--transport",
+        choices=("native", "libvfio-user"),
+        default="native",
+        help="vfio-user implementation serving the devices (default native)",
+    )
+    s.add_argument(
+        "--parent-transport",
+        action="append",
+        default=[],
+        metavar="PARENT=TRANSPORT",
+        help="serve the mdevs of one parent with another transport, e.g. mtty=libvfio-user",
     )
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     pds = s.add_argument_group("pds card (shorthands for --no-parent pds / --parent-opt pds.*)")

@@ -27,7 +27,7 @@ from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
 from mdevcore.daemon.hosts import HostContext, HostedParent
 from mdevcore.daemon.persist import PersistStore
-from mdevcore.daemon.servers import UNIX_PATH_MAX, ServerManager
+from mdevcore.daemon.servers import LIBVFIO_USER, UNIX_PATH_MAX, ServerManager, TransportChoice
 from mdevcore.pci.bus import PciBus
 from mdevcore.sysfs import MdevSysfs, qemu_device_arg
 from mdevcore.sysfs.fuse import check_mountpoint, mounted
@@ -53,6 +53,7 @@ def serve(args: argparse.Namespace) -> int:
     if unknown and not args.no_builtins:
         raise OSError(errno.EINVAL, f"--no-parent: no plug-in named {', '.join(sorted(unknown))}")
     found = [d for d in found if d.plugin.name not in left_out]
+    transports = _transports(args)
     run_dir: Path = args.run_dir
     sysfs: Path = args.sysfs or run_dir / "sys"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,13 +65,32 @@ def serve(args: argparse.Namespace) -> int:
     hosts = parents.register_plugins(core, found, options, run_dir)
     parents.register_specs(core, extra)
     try:
-        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts)
+        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts, transports)
     except BaseExceptionGroup as group:
         sole = _sole_os_error(group)
         if sole is group:
             raise
         raise sole from None
     return 0
+
+
+def _transports(args: argparse.Namespace) -> TransportChoice:
+    """--transport and --parent-transport; a missing libvfio-user fails here, at start."""
+    per_parent: dict[str, str] = {}
+    for item in args.parent_transport:
+        parent, sep, transport = item.partition("=")
+        if not sep or not parent:
+            raise OSError(errno.EINVAL, f"--parent-transport {item!r}: expected PARENT=TRANSPORT")
+        per_parent[parent] = transport
+    try:
+        choice = TransportChoice(args.transport, per_parent)
+    except ValueError as e:
+        raise OSError(errno.EINVAL, str(e)) from None
+    if choice.uses(LIBVFIO_USER):
+        from mdevcore.vfio_user.libvfio_user_ffi import load
+
+        load()  # LibvfioUserMissing (an OSError) says how to install it
+    return choice
 
 
 def _sole_os_error(group: BaseExceptionGroup) -> BaseException:
@@ -101,10 +121,11 @@ async def _serve(
     run_dir: Path,
     persist_dir: Path | None,
     hosts: Sequence[HostedParent] = (),
+    transports: TransportChoice | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            servers = ServerManager(core, run_dir, nursery)
+            servers = ServerManager(core, run_dir, nursery, transports or TransportChoice())
             host_servers = servers.servers  # VFs by BDF beside the mdevs by UUID
             devlink = DevlinkRegistry()
             settle = servers.settle

@@ -20,7 +20,7 @@ import errno
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,14 +45,57 @@ class Server(Protocol):
     def connected(self) -> bool: ...
 
 
-ServerFactory = Callable[[DeviceBackend, Path, str], Server]
+# (backend, socket path, label for logs, mdev parent name or None) -> server
+ServerFactory = Callable[[DeviceBackend, Path, str, "str | None"], Server]
+
+NATIVE = "native"
+LIBVFIO_USER = "libvfio-user"
+TRANSPORTS = (NATIVE, LIBVFIO_USER)
 
 
-def default_server_factory(backend: DeviceBackend, path: Path, name: str) -> Server:
+def default_server_factory(
+    backend: DeviceBackend, path: Path, name: str, parent: str | None = None
+) -> Server:
     from mdevcore.vfio_user.server import DeviceServer
 
     server: Server = DeviceServer(backend, str(path), name=name)
     return server
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportChoice:
+    """A ServerFactory choosing the vfio-user implementation per mdev parent.
+
+    ``default`` serves every device whose parent has no entry in
+    ``per_parent`` (and the hosted parents' devices, which have no mdev
+    parent).  "libvfio-user" imports cffi and the C library only when used.
+    """
+
+    default: str = NATIVE
+    per_parent: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for transport in (self.default, *self.per_parent.values()):
+            if transport not in TRANSPORTS:
+                raise ValueError(
+                    f"unknown transport {transport!r} (one of {', '.join(TRANSPORTS)})"
+                )
+
+    def uses(self, transport: str) -> bool:
+        return transport in (self.default, *self.per_parent.values())
+
+    def transport_for(self, parent: str | None) -> str:
+        return self.per_parent.get(parent, self.default) if parent else self.default
+
+    def __call__(
+        self, backend: DeviceBackend, path: Path, name: str, parent: str | None = None
+    ) -> Server:
+        if self.transport_for(parent) == LIBVFIO_USER:
+            from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
+
+            server: Server = LibvfioUserServer(backend, str(path), name=name)
+            return server
+        return default_server_factory(backend, path, name)
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,13 +147,23 @@ class NamedServers:
         entry = self._served.get(name)
         return entry is not None and entry.server.connected
 
-    def serve(self, name: str, backend: DeviceBackend, *, label: str | None = None) -> Path:
-        """Start serving ``backend``; ENAMETOOLONG/EACCES/EBUSY refuse it at once."""
+    def serve(
+        self,
+        name: str,
+        backend: DeviceBackend,
+        *,
+        label: str | None = None,
+        parent: str | None = None,
+    ) -> Path:
+        """Start serving ``backend``; ENAMETOOLONG/EACCES/EBUSY refuse it at once.
+
+        ``parent``: the mdev parent's name, for the factory's choice of transport.
+        """
         if name in self._served:
             raise OSError(errno.EBUSY, f"{name} is already served")
         path = self.check(name)
         label = label or name
-        server = self._factory(backend, path, label)
+        server = self._factory(backend, path, label, parent)
         entry = _Served(name=name, label=label, server=server, path=path)
         self._served[name] = entry
         self._pending.add(entry.ready)
@@ -210,7 +263,9 @@ class ServerManager:
             device = event.device
             label = f"mdev {device.uuid} ({device.type.id})"
             try:
-                self.servers.serve(str(device.uuid), device.backend, label=label)
+                self.servers.serve(
+                    str(device.uuid), device.backend, label=label, parent=device.parent.name
+                )
             except Exception:
                 log.exception("%s: cannot serve it over vfio-user", label)
         elif isinstance(event, DeviceRemoved):

@@ -1,5 +1,8 @@
 """Standalone runner: ``python -m mdevcore.vfio_user --device pkg.mod:Class --socket PATH``.
 
+``--transport libvfio-user`` serves it through libvfio-user instead of the
+native engine (``--spin-us`` then does not apply).
+
 Builds the device with no arguments, serves it until SIGTERM/SIGINT and
 exits 0 after removing the socket.
 """
@@ -40,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_SPIN_US,
         help="poll this long for the next request before sleeping (0 = never)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=("native", "libvfio-user"),
+        default="native",
+        help="vfio-user implementation (libvfio-user: the C library via cffi)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request error")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -48,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = load_device(args.device)
     name = args.name or args.device.rpartition(":")[2]
+    if args.transport == "libvfio-user":
+        from mdevcore.vfio_user.libvfio_user import serve_forever as serve_libvfio_user
+
+        trio.run(partial(serve_libvfio_user, device, args.socket, name=name))
+        return 0
     trio.run(partial(serve_forever, device, args.socket, name=name, spin_us=args.spin_us))
     return 0
 
