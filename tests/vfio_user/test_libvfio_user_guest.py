@@ -18,6 +18,7 @@ import trio
 from libvfio_user_pair import needs_libvfio_user
 
 from samples.mtty import MttyDevice
+from samples.mtty.uart import LCR
 
 pytestmark = [pytest.mark.qemu, needs_libvfio_user]
 
@@ -34,7 +35,7 @@ async def test_guest_loopback_and_reset_through_libvfio_user(tmp_path: Path) -> 
 
     def counting_reset() -> None:
         # Had the guest programmed the ports? (QEMU also resets at start.)
-        resets.append(any(p.divisor or p.s.lcr for p in device.ports))
+        resets.append(any(p.s.divisor or p.s.uart_reg[LCR] for p in device.ports))
         original()
 
     device.on_reset = counting_reset  # type: ignore[method-assign]
