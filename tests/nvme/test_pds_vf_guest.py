@@ -89,16 +89,17 @@ def file_sha256(path: str, offset_mib: int) -> str:
 
 
 @pytest.mark.parametrize(
-    ("mode", "kernel_args"),
+    ("mode", "kernel_args", "transport"),
     [
-        (DoorbellMode.TRAPPED, ()),
-        (DoorbellMode.MMAP, ()),
-        (DoorbellMode.TRAPPED, ("pci=nomsi",)),  # INTx only: the legacy interrupt path
+        (DoorbellMode.TRAPPED, (), "native"),
+        (DoorbellMode.MMAP, (), "native"),
+        (DoorbellMode.TRAPPED, ("pci=nomsi",), "native"),  # INTx only: the legacy path
+        (DoorbellMode.MMAP, (), "libvfio-user"),  # the same VF through the C library
     ],
-    ids=["trapped-msix", "mmap-msix", "trapped-intx"],
+    ids=["trapped-msix", "mmap-msix", "trapped-intx", "libvfio-user-mmap-msix"],
 )
 async def test_guest_nvme_driver_reads_back_patterns(
-    lab: Lab, workdir: str, mode: DoorbellMode, kernel_args: tuple[str, ...]
+    lab: Lab, workdir: str, mode: DoorbellMode, kernel_args: tuple[str, ...], transport: str
 ) -> None:
     backing = os.path.join(workdir, "vf.img")
     vf = PdsNvmeVf(VfConfig(backing=backing, size=NS_MIB << 20, doorbells=mode, io_queues=4))
@@ -106,7 +107,12 @@ async def test_guest_nvme_driver_reads_back_patterns(
     device = json.dumps({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}})
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(DeviceServer(vf, sock, name="pds-vf").serve)
+            if transport == "libvfio-user":
+                from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
+
+                await nursery.start(LibvfioUserServer(vf, sock, name="pds-vf").serve)
+            else:
+                await nursery.start(DeviceServer(vf, sock, name="pds-vf").serve)
             result = await lab.aboot(
                 GUEST_SCRIPT + IRQ_REPORT,
                 devices=[device],
