@@ -603,6 +603,10 @@ class LibvfioUserServer:
             # Nothing queued.  A request arriving before vfu_run_ctx would be
             # handled unpeeked: wait for it in trio instead.
             return b"", -1
+        except OSError:
+            # ECONNRESET and the like: the client is gone, like EOF (it may
+            # not crash the server: the next client must be served).
+            return b"", 0
         if n == 0:
             return b"", 0  # EOF
         if n < HEADER_SIZE:

@@ -96,6 +96,12 @@ class Acceptor:
 
     async def first_message(self, client: socket.socket) -> tuple[bytes, list[int]] | None:
         """The client's first message, once all of it arrived; None if it does not in time."""
+        try:
+            return await self._first_message(client)
+        except OSError:  # ECONNRESET and the like: gone before it spoke
+            return None
+
+    async def _first_message(self, client: socket.socket) -> tuple[bytes, list[int]] | None:
         deadline = trio.current_time() + self.timeout
         size = 0
         while True:

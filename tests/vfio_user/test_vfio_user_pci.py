@@ -45,14 +45,20 @@ async def in_thread(fn: Callable[[], T]) -> T:
     return await trio.to_thread.run_sync(fn)
 
 
-@pytest.fixture
-async def gadget() -> AsyncIterator[tuple[Gadget, str]]:
+@pytest.fixture(params=["native", "libvfio-user"])
+async def gadget(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Gadget, str]]:
+    """The gadget served by each transport: the device must not see a difference."""
     d = tempfile.mkdtemp(prefix="vu-pci-")
     path = os.path.join(d, "gadget.sock")
     device = Gadget()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(DeviceServer(device, path, name="gadget").serve)
+            if request.param == "libvfio-user":
+                from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
+
+                await nursery.start(LibvfioUserServer(device, path, name="gadget").serve)
+            else:
+                await nursery.start(DeviceServer(device, path, name="gadget").serve)
             yield device, path
             nursery.cancel_scope.cancel()
     finally:
@@ -208,6 +214,9 @@ async def test_pci_device_dma_by_fd_and_by_message(gadget: tuple[Gadget, str]) -
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_thread, answer_dma)
+            # libvfio-user does message DMA synchronously (it blocks this
+            # thread until the answer): let the answering thread start first.
+            await trio.sleep(0.2)
             try:
                 assert await device.dma_read(0x80000, 16) == b"message-dma-src!"
                 await device.dma_write(0x80100, b"written by device")
@@ -218,3 +227,27 @@ async def test_pci_device_dma_by_fd_and_by_message(gadget: tuple[Gadget, str]) -
     finally:
         client.close()
         os.close(memfd)
+
+
+async def test_a_reset_connection_costs_the_server_nothing(gadget: tuple[Gadget, str]) -> None:
+    import time
+
+    from mdevcore.vfio_user.constants import Command
+    from mdevcore.vfio_user.wire import REGION_ACCESS
+
+    device, path = gadget
+
+    def reset_then_reconnect() -> bytes:
+        first = Client(path)
+        first.negotiate()
+        # Gone without reading a reply: the server's next read of this
+        # AF_UNIX socket fails with ECONNRESET.
+        first.send(Command.REGION_READ, REGION_ACCESS.pack(0, CFG, 4))
+        time.sleep(0.2)
+        first.close()
+        with Client(path) as second:
+            second.negotiate()
+            return second.region_read(CFG, 0, 4)
+
+    ident = await in_thread(reset_then_reconnect)
+    assert ident == device.config.read(0, 4)
