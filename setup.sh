@@ -62,6 +62,12 @@ if [ "${MDEVCORE_SKIP_LIBVFIO_USER:-0}" != 1 ] && [ ! -e .venv/lib/libvfio-user.
         || { cat "$build.log" >&2; echo "setup: error: libvfio-user build failed" >&2; exit 1; }
     rm -rf "$build" "$build.log" ${work:+"$work"}
 fi
+# mdevcore's cffi module (API mode), compiled against that header and library.
+if [ "${MDEVCORE_SKIP_LIBVFIO_USER:-0}" != 1 ] \
+    && ! .venv/bin/python -c 'import _mdevcore_libvfio_user' 2>/dev/null; then
+    echo "setup: compiling the libvfio-user cffi module"
+    .venv/bin/python -m mdevcore.vfio_user.libvfio_user_build .venv >/dev/null
+fi
 
 if [ "${MDEVCORE_SKIP_LAB:-0}" != 1 ]; then
     .venv/bin/python -m tools.lab setup

@@ -232,7 +232,7 @@ class LibvfioUserServer:
                 {
                     "version": ffi_mod.VFU_MIGR_CALLBACKS_VERS,
                     "transition": self._callback(
-                        "int (*)(vfu_ctx_t *, int)", self._transition, error=-1
+                        "int (*)(vfu_ctx_t *, vfu_migr_state_t)", self._transition, error=-1
                     ),
                     "read_data": self._callback(
                         "ssize_t (*)(vfu_ctx_t *, void *, uint64_t)", self._mig_read, error=-1

@@ -1,33 +1,33 @@
-"""cffi (ABI mode) declarations of libvfio-user's public API and the library loader.
+"""cffi (API mode) declarations of libvfio-user's public API, and the loader.
 
-ABI mode: the declarations below are the subset of
-``include/vfio-user/libvfio-user.h`` (libvfio-user efd091b) this project
-calls, written out here so that importing needs no compiler and no header;
-``dlopen`` resolves them in the installed ``libvfio-user.so.0``.  The
-struct layouts (``struct iovec``, ``vfu_dma_info_t``,
-``vfu_migration_callbacks_t``) are the ones that header defines for
-x86-64/aarch64 Linux.
+API mode: ``libvfio_user_build`` compiles these declarations against the
+installed header (``<prefix>/include/vfio-user/libvfio-user.h``) into the
+extension module ``_mdevcore_libvfio_user``, linked to
+``<prefix>/lib/libvfio-user.so.0``; ``setup.sh`` does it after building the
+library.  The compiler checks every declaration, struct layout (``...``:
+the header's own) and constant below against the header, so a libvfio-user
+that differs from what this project was written for fails at build time,
+not at run time.
 
-Where the library is looked for, first hit wins:
-
-1. ``$MDEVCORE_LIBVFIO_USER`` (a path to the .so): when set, the only one;
-2. ``<sys.prefix>/lib/libvfio-user.so.0`` (``setup.sh`` installs it into
-   the venv's prefix);
-3. the dynamic linker's search path (``libvfio-user.so.0``).
+``$MDEVCORE_LIBVFIO_USER`` (a path to a libvfio-user.so.0) replaces the
+installed library: it is loaded first, and the extension binds to it.
 
 Nothing here is imported by the native transport.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib
 import os
-import sys
 from typing import Any
 
 CDEF = """
-struct iovec { void *iov_base; size_t iov_len; };
-typedef long long loff_t;
+struct iovec { void *iov_base; size_t iov_len; ...; };
+typedef int... loff_t;
+typedef int... vfu_reset_type_t;
+typedef int... vfu_migr_state_t;
 typedef struct vfu_ctx vfu_ctx_t;
 typedef struct dma_sg dma_sg_t;
 
@@ -50,7 +50,7 @@ int vfu_setup_region(vfu_ctx_t *vfu_ctx, int region_idx, size_t size,
                      struct iovec *mmap_areas, uint32_t nr_mmap_areas,
                      int fd, uint64_t offset);
 
-typedef int (vfu_reset_cb_t)(vfu_ctx_t *vfu_ctx, int type);
+typedef int (vfu_reset_cb_t)(vfu_ctx_t *vfu_ctx, vfu_reset_type_t type);
 int vfu_setup_device_reset_cb(vfu_ctx_t *vfu_ctx, vfu_reset_cb_t *reset);
 
 typedef struct vfu_dma_info {
@@ -59,6 +59,7 @@ typedef struct vfu_dma_info {
     struct iovec mapping;
     size_t page_size;
     uint32_t prot;
+    ...;
 } vfu_dma_info_t;
 typedef void (vfu_dma_register_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
 typedef void (vfu_dma_unregister_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
@@ -71,9 +72,10 @@ int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
 
 typedef struct {
     int version;
-    int (*transition)(vfu_ctx_t *vfu_ctx, int state);
+    int (*transition)(vfu_ctx_t *vfu_ctx, vfu_migr_state_t state);
     ssize_t (*read_data)(vfu_ctx_t *vfu_ctx, void *buf, uint64_t count);
     ssize_t (*write_data)(vfu_ctx_t *vfu_ctx, void *buf, uint64_t count);
+    ...;
 } vfu_migration_callbacks_t;
 int vfu_setup_device_migration_callbacks(vfu_ctx_t *vfu_ctx,
                                          const vfu_migration_callbacks_t *callbacks);
@@ -118,49 +120,60 @@ LOG_INFO = 6
 
 ENV_LIBRARY = "MDEVCORE_LIBVFIO_USER"
 SONAME = "libvfio-user.so.0"
+EXTENSION = "_mdevcore_libvfio_user"
+# Constants the build checks against the header (the values above).
+HEADER_CONSTANTS = (
+    "VFU_TRANS_SOCK", "VFU_DEV_TYPE_PCI", "LIBVFIO_USER_FLAG_ATTACH_NB",
+    "VFU_REGION_FLAG_READ", "VFU_REGION_FLAG_WRITE", "VFU_REGION_FLAG_MEM",
+    "VFU_REGION_FLAG_ALWAYS_CB", "VFU_REGION_FLAG_64_BITS", "VFU_REGION_FLAG_PREFETCH",
+    "VFU_RESET_DEVICE", "VFU_RESET_LOST_CONN", "VFU_RESET_PCI_FLR", "VFU_MIGR_CALLBACKS_VERS",
+    "VFU_MIGR_STATE_STOP", "VFU_MIGR_STATE_RUNNING", "VFU_MIGR_STATE_STOP_AND_COPY",
+    "VFU_MIGR_STATE_PRE_COPY", "VFU_MIGR_STATE_RESUME", "VFU_PCI_TYPE_CONVENTIONAL",
+    "VFU_PCI_TYPE_EXPRESS", "PCI_HEADER_TYPE_NORMAL", "VFU_SGL_DIRECT_ACCESS",
+    "LIBVFIO_USER_MAX_DMA_REGIONS",
+)  # fmt: skip
 
 INSTALL_HINT = (
     "run ./setup.sh (it builds libvfio-user from $MDEVCORE_LIBVFIO_USER_SRC, by default "
-    "../shared/vendor, into the venv), or point $MDEVCORE_LIBVFIO_USER at an installed "
-    "libvfio-user.so.0 and install cffi (pip install 'mdevcore[libvfio-user]')"
+    "../shared/vendor, into the venv, and compiles mdevcore's cffi module against it), "
+    "or install libvfio-user and cffi and run "
+    "python -m mdevcore.vfio_user.libvfio_user_build PREFIX; "
+    "$MDEVCORE_LIBVFIO_USER may name another libvfio-user.so.0"
 )
 
 
 class LibvfioUserMissing(OSError):
-    """cffi or libvfio-user.so cannot be loaded; the message says how to install them."""
+    """cffi, the library or the compiled module cannot be loaded; the message says how."""
 
 
-def candidates() -> list[str]:
-    """Where the library is looked for, in order (see the module doc)."""
-    env = os.environ.get(ENV_LIBRARY)
-    if env:
-        return [env]
-    return [os.path.join(sys.prefix, "lib", SONAME), SONAME]
+def full_cdef() -> str:
+    """The declarations plus the header constants, as the build compiles them."""
+    return CDEF + "".join(f"static const int {name};\n" for name in HEADER_CONSTANTS)
 
 
 @functools.cache
 def load() -> tuple[Any, Any]:
     """(ffi, lib), loaded once per process; LibvfioUserMissing if impossible."""
+    override = os.environ.get(ENV_LIBRARY)
+    if override:
+        if not os.path.exists(override):
+            raise LibvfioUserMissing(2, f"{ENV_LIBRARY}={override}: no such file; {INSTALL_HINT}")
+        try:
+            # Loaded first, it is the libvfio-user.so.0 the extension binds to.
+            ctypes.CDLL(override, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise LibvfioUserMissing(2, f"{ENV_LIBRARY}={override}: {e}; {INSTALL_HINT}") from None
     try:
-        import cffi
+        module = importlib.import_module(EXTENSION)
     except ImportError as e:
         raise LibvfioUserMissing(
-            2, f"the libvfio-user transport needs cffi ({e}): {INSTALL_HINT}"
+            2, f"the libvfio-user transport is not built ({e}): {INSTALL_HINT}"
         ) from None
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    errors = []
-    for path in candidates():
-        if os.sep in path and not os.path.exists(path):
-            errors.append(f"{path}: no such file")
-            continue
-        try:
-            return ffi, ffi.dlopen(path)
-        except OSError as e:
-            errors.append(str(e))
-    raise LibvfioUserMissing(
-        2, f"libvfio-user is not installed ({'; '.join(errors)}): {INSTALL_HINT}"
-    )
+    lib = module.lib
+    for name in HEADER_CONSTANTS:  # the build checked the header; this checks the build
+        if getattr(lib, name) != globals()[name]:
+            raise LibvfioUserMissing(2, f"{EXTENSION} was built for another libvfio-user ({name})")
+    return module.ffi, lib
 
 
 def available() -> str | None:
