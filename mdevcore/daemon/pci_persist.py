@@ -77,7 +77,8 @@ class PciPersist:
     def start(self) -> None:
         """Follow the bus from now on (call after restore); records the state once."""
         self._following = True
-        self.bus.subscribe(self._on_event)
+        with self._restoring_scope():  # the replay of what exists: one save for it all
+            self.bus.subscribe(self._on_event)
         self.save()
 
     def stop(self) -> None:
