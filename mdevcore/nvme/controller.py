@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 MPS_MIN = 0  # 4 KiB
 MPS_MAX = 4  # 64 KiB
 DOORBELL_PAGE = 4096
+_ZERO_PAGE = bytes(DOORBELL_PAGE)
 
 # CAP, VS, INTMS, INTMC, CC, reserved, CSTS, NSSR, AQA, ASQ, ACQ
 _REGS = struct.Struct("<QIIIIIIIIQQ")
@@ -134,6 +135,9 @@ class NvmeController:
                 raise ValueError("doorbell memory must be one page")
             self._doorbell_mem = doorbells[:DOORBELL_PAGE]
         self.doorbells = self._doorbell_mem.cast("B").cast("I")
+        # Shared doorbells are written without a trap: a ring of a missing
+        # queue shows only as a non-zero value, found by polling.
+        self._polled = doorbells is not None
         self.irq = InterruptLogic(raise_irq, clock)
         self.features = Features(self.config.max_io_queues)
         self.events = AsyncEvents()
@@ -398,6 +402,32 @@ class NvmeController:
         self.doorbells[index] = int.from_bytes(data, "little")
         return True
 
+    def _find_rings_of_missing_queues(self) -> None:
+        """Polled doorbells: report (once) each non-zero doorbell of a queue that does not exist.
+
+        Doorbells of missing queues are zero (reset, queue creation and
+        deletion clear them), so one compare of the page beyond the highest
+        queue finds a ring there; gaps below it are looked at only when
+        there are any.  The value is cleared once reported.
+        """
+        db = self.doorbells
+        top = 2 * (max(self.sqs.keys() | self.cqs.keys(), default=-1) + 1)
+        found = []
+        if self._doorbell_mem[4 * top :].tobytes() != _ZERO_PAGE[4 * top :]:
+            found = [i for i in range(top, len(db)) if db[i]]
+        if top != len(self.sqs) + len(self.cqs):
+            found += [
+                i for i in range(top) if db[i] and i >> 1 not in (self.cqs if i & 1 else self.sqs)
+            ]
+        for index in found:
+            db[index] = 0
+            qid, is_cq = divmod(index, 2)
+            log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
+        if found:
+            self.post_event(
+                AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_REGISTER, LogId.ERROR_INFO
+            )
+
     def _read_doorbells(self) -> None:
         db = self.doorbells
         shadow = self.shadow
@@ -468,6 +498,8 @@ class NvmeController:
             return False
         if not self.may_dma():
             return False
+        if self._polled:
+            self._find_rings_of_missing_queues()
         self._read_doorbells()
         for cq in self.cqs.values():
             if cq.overflow:

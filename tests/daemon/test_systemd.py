@@ -155,6 +155,7 @@ def test_crash_and_restart_bring_everything_back(tmp_path: Path) -> None:
         d = second
         assert notify.receive()["READY"] == "1"
         assert "detached a stale mirror" in d.stderr
+        assert "persist: ignoring" not in d.stderr  # pci.json is not taken for an mdev record
         devices = sorted(p.name for p in (d.sysfs / "bus/mdev/devices").iterdir())
         assert devices == sorted([str(kept), str(auto)])
         pf = d.sysfs / "bus/pci/devices/0000:60:00.0"
