@@ -186,3 +186,29 @@ def test_crash_and_restart_bring_everything_back(tmp_path: Path) -> None:
             if proc is not None:
                 proc.kill()
         notify.close()
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_reaches_a_path_or_an_abstract_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abstract: bool
+) -> None:
+    from mdevcore.daemon import sdnotify
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        if abstract:  # systemd may hand out "@name": the abstract namespace
+            name = f"mdevd-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            sock.bind(f"\0{name}")
+            monkeypatch.setenv("NOTIFY_SOCKET", f"@{name}")
+        else:
+            sock.bind(str(tmp_path / "n"))
+            monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "n"))
+        sock.settimeout(HANG_GUARD)
+        assert sdnotify.notify("READY=1") is True
+        assert sock.recv(64) == b"READY=1"
+    finally:
+        sock.close()
+    # nobody listening any more, or no service manager: serving goes on, nothing is sent
+    assert sdnotify.notify("READY=1") is False
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert sdnotify.notify("READY=1") is False
