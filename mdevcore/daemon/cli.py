@@ -1,6 +1,7 @@
 """``mdevd``: serve the mdev sysfs mirror, run mdevctl against it, or the lab.
 
-mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--parent-opt NAME.KEY=VALUE]...
+mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--mdevctl-config DIR]
+            [--parent-opt NAME.KEY=VALUE]...
             [--transport native|libvfio-user] [--parent-transport PARENT=TRANSPORT]...
 mdevd parents
 mdevd new-parent NAME [--dir DIR]
@@ -26,7 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="mount the sysfs mirror and serve devices over vfio-user")
     s.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="vfio-user sockets")
     s.add_argument("--sysfs", type=Path, help="mount point (default RUN_DIR/sys)")
-    s.add_argument("--persist", type=Path, help="recreate devices recorded here at start")
+    s.add_argument(
+        "--persist",
+        type=Path,
+        help="record devices, SR-IOV VFs and their bindings here; recreate them at start",
+    )
+    s.add_argument(
+        "--mdevctl-config",
+        type=Path,
+        metavar="DIR",
+        help="start the devices `mdevd mdevctl define --auto` wrote here "
+        "(default RUN_DIR/mdevctl.d, what `mdevd mdevctl` uses)",
+    )
     s.add_argument(
         "--parent",
         action="append",

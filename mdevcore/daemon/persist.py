@@ -28,6 +28,8 @@ class PersistStore:
         """Create the devices recorded in the directory; return how many."""
         restored = 0
         for path in sorted(self.directory.iterdir()):
+            if path.name.startswith(".") or path.name == "pci.json":
+                continue  # a record being written, or the PCI state (pci_persist)
             try:
                 dev_uuid = uuid.UUID(path.name)
                 record = json.loads(path.read_text())

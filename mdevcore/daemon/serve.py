@@ -1,11 +1,15 @@
 """``mdevd serve``: mount the mirror, register parents, serve devices until a signal.
 
 Startup order: parents (installed plug-ins, then --parent), the server manager,
---persist restore, hosted parents (the pds card, mdevcore.daemon.hosts),
-the control socket <run-dir>/mdevd.ctl (``mdevd devlink``), the mirror
-mount, then the banner ending in "mdevd: ready".  SIGTERM/SIGINT: stop
-following persistence (records stay), stop hosted parents, disconnect
-clients and stop servers (sockets unlinked), unmount, exit 0.
+--persist restore of the mdevs, hosted parents (the pds card,
+mdevcore.daemon.hosts) and the --persist restore of their PCI state
+(SR-IOV, bindings, devlink: mdevcore.daemon.pci_persist), the devices
+mdevctl defined with --auto (mdevcore.daemon.autostart), the control socket
+<run-dir>/mdevd.ctl (``mdevd devlink``), the mirror mount, then the banner
+ending in "mdevd: ready" and, under systemd, READY=1 to $NOTIFY_SOCKET.
+SIGTERM/SIGINT: STOPPING=1, stop following persistence (records stay),
+stop hosted parents, disconnect clients and stop servers (sockets
+unlinked), unmount, exit 0.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import trio
 
 from mdevcore import plugins
 from mdevcore.core import MdevCore
-from mdevcore.daemon import parents
+from mdevcore.daemon import parents, sdnotify
+from mdevcore.daemon.autostart import Autostart
 from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
 from mdevcore.daemon.hosts import HostContext, HostedParent
+from mdevcore.daemon.pci_persist import PCI_STATE_FILE, PciPersist
 from mdevcore.daemon.persist import PersistStore
 from mdevcore.daemon.servers import LIBVFIO_USER, UNIX_PATH_MAX, ServerManager, TransportChoice
 from mdevcore.pci.bus import PciBus
@@ -65,7 +71,8 @@ def serve(args: argparse.Namespace) -> int:
     hosts = parents.register_plugins(core, found, options, run_dir)
     parents.register_specs(core, extra)
     try:
-        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts, transports)
+        mdevctl_config = args.mdevctl_config or run_dir / "mdevctl.d"
+        trio.run(_serve, core, sysfs, run_dir, args.persist, hosts, transports, mdevctl_config)
     except BaseExceptionGroup as group:
         sole = _sole_os_error(group)
         if sole is group:
@@ -122,6 +129,7 @@ async def _serve(
     persist_dir: Path | None,
     hosts: Sequence[HostedParent] = (),
     transports: TransportChoice | None = None,
+    mdevctl_config: Path | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -140,10 +148,20 @@ async def _serve(
             bus = PciBus()
             pci_view = PciSysfs(bus, view.tree) if hosts else None
             started: list[HostedParent] = []
+            pci_persist: PciPersist | None = None
+            autostart: Autostart | None = None
             try:
                 for host in hosts:
                     host.start(HostContext(view.tree, host_servers, devlink, run_dir, bus))
                     started.append(host)
+                if persist_dir is not None and hosts:
+                    pci_persist = PciPersist(bus, devlink, persist_dir / PCI_STATE_FILE)
+                    restored = pci_persist.restore()
+                    pci_persist.start()
+                    log.info("persist: restored the PCI state of %d function(s)", restored)
+                if mdevctl_config is not None:
+                    autostart = Autostart(core, mdevctl_config, nursery)
+                    autostart.start()
                 ctl = control_path(run_dir)
                 if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
                     await nursery.start(ControlServer(ctl, devlink, settle).serve)
@@ -152,11 +170,17 @@ async def _serve(
                 async with mounted(view.tree, sysfs, settle=settle):
                     await settle()
                     _print_banner(core, sysfs, run_dir, started)
+                    sdnotify.notify(f"READY=1\nSTATUS=serving, mirror at {sysfs}")
                     async for signum in signals:
                         log.info("%s: shutting down", signal.Signals(signum).name)
                         break
             finally:
                 with trio.CancelScope(shield=True):
+                    sdnotify.notify("STOPPING=1")
+                    if autostart is not None:
+                        autostart.stop()
+                    if pci_persist is not None:
+                        pci_persist.stop()  # nor the VFs and their bindings
                     if persist is not None:
                         persist.stop()  # shutting down must not forget the devices
                     for host in reversed(started):

@@ -105,6 +105,7 @@ def delete_io_sq(ctrl: ControllerContext, cmd: Command) -> int:
         raise specific(CommandSpecific.INVALID_QUEUE_ID, f"delete SQ {qid}")
     # Commands execute to completion as they are fetched: none is outstanding here.
     del ctrl.sqs[qid]
+    ctrl.doorbells[2 * qid] = 0  # polled doorbells: a stale tail is no ring of a missing SQ
     cq = ctrl.cqs.get(sq.cqid)
     if cq is not None:
         cq.sqids.discard(qid)
@@ -121,6 +122,7 @@ def delete_io_cq(ctrl: ControllerContext, cmd: Command) -> int:
             CommandSpecific.INVALID_QUEUE_DELETION, f"CQ {qid} still used by SQs {sorted(cq.sqids)}"
         )
     del ctrl.cqs[qid]
+    ctrl.doorbells[2 * qid + 1] = 0
     return 0
 
 

@@ -52,7 +52,9 @@ from mdevcore.nvme.spec import (
     REG_ACQ,
     REG_AQA,
     REG_ASQ,
+    REG_CAP,
     REG_CC,
+    REG_CSTS,
     REG_INTMC,
     REG_INTMS,
     REG_NSSR,
@@ -73,9 +75,23 @@ log = logging.getLogger(__name__)
 MPS_MIN = 0  # 4 KiB
 MPS_MAX = 4  # 64 KiB
 DOORBELL_PAGE = 4096
+_ZERO_PAGE = bytes(DOORBELL_PAGE)
 
 # CAP, VS, INTMS, INTMC, CC, reserved, CSTS, NSSR, AQA, ASQ, ACQ
 _REGS = struct.Struct("<QIIIIIIIIQQ")
+_QWORD_REGISTERS = frozenset({REG_CAP, REG_ASQ, REG_ACQ})
+
+
+def _ahead(start: int, value: int, limit: int, size: int) -> bool:
+    """Whether ``value`` lies in the circular range from ``start`` forward to ``limit``."""
+    return (value - start) % size <= (limit - start) % size
+
+
+def _native_access(offset: int, size: int) -> bool:
+    """A dword access to a dword, or a qword access to a 64-bit register."""
+    if size == 4:
+        return offset % 4 == 0
+    return size == 8 and offset in _QWORD_REGISTERS
 
 
 class NvmeController:
@@ -119,6 +135,9 @@ class NvmeController:
                 raise ValueError("doorbell memory must be one page")
             self._doorbell_mem = doorbells[:DOORBELL_PAGE]
         self.doorbells = self._doorbell_mem.cast("B").cast("I")
+        # Shared doorbells are written without a trap: a ring of a missing
+        # queue shows only as a non-zero value, found by polling.
+        self._polled = doorbells is not None
         self.irq = InterruptLogic(raise_irq, clock)
         self.features = Features(self.config.max_io_queues)
         self.events = AsyncEvents()
@@ -214,48 +233,70 @@ class NvmeController:
         )
 
     def mmio_read(self, offset: int, size: int) -> bytes:
-        """Read BAR0 bytes; unknown registers and doorbells read as zero."""
+        """Read BAR0 bytes.
+
+        The NVMe base specification has registers accessed in their native
+        width, naturally aligned, and leaves any other access undefined; here
+        such accesses read as zero, as do reserved and unsupported optional
+        registers (0x38-0xFFF: CMB, boot partitions, PMR, command set
+        specific) and the doorbells (write-only; what a read returns is
+        vendor specific).
+        """
+        if offset >= REGISTERS_SIZE or not _native_access(offset, size):
+            return bytes(size)
         image = self._register_image()
-        return (
-            image[offset : offset + size].ljust(size, b"\0") if offset < len(image) else bytes(size)
-        )
+        return image[offset : offset + size].ljust(size, b"\0")
 
     def mmio_write(self, offset: int, data: bytes) -> bool:
-        """Apply a BAR0 write; True when the write was a doorbell (process() has work)."""
+        """Apply a BAR0 write; True when the write was a doorbell (process() has work).
+
+        Writes that are not a native-width access (see :meth:`mmio_read`),
+        and writes to read-only or reserved registers, change nothing.  A
+        64-bit register written as one qword takes its low dword first, as
+        if written as two dwords.
+        """
         if offset >= DOORBELL_BASE:
             return self._doorbell_write(offset - DOORBELL_BASE, data)
-        end = offset + len(data)
-        if end > REGISTERS_SIZE:
+        if not _native_access(offset, len(data)):
+            log.debug("%s: ignored register write of %d bytes at %#x", self.name, len(data), offset)
             return False
-        merged = bytearray(self._register_image().ljust(REGISTERS_SIZE, b"\0"))
-        merged[offset:end] = data
-        only_written = bytearray(REGISTERS_SIZE)
-        only_written[offset:end] = data
+        for dword in range(0, len(data), 4):
+            value = int.from_bytes(data[dword : dword + 4], "little")
+            if self._write_dword(offset + dword, value):
+                break  # NVM subsystem reset: the rest of the access is gone with it
+        return False
 
-        def touched(reg: int, width: int = 4) -> bool:
-            return offset < reg + width and end > reg
-
-        def value(buf: bytearray, reg: int, width: int = 4) -> int:
-            return int.from_bytes(buf[reg : reg + width], "little")
-
-        # INTMS/INTMC are write-1-to-set/clear: only the bytes written count.
-        if touched(REG_INTMS):
-            self.irq.set_mask(value(only_written, REG_INTMS))
-        if touched(REG_INTMC):
-            self.irq.clear_mask(value(only_written, REG_INTMC))
-        if touched(REG_AQA):
-            self.aqa = value(merged, REG_AQA) & 0x0FFF0FFF
-        if touched(REG_ASQ, 8):
-            self.asq = value(merged, REG_ASQ, 8) & ~0xFFF
-        if touched(REG_ACQ, 8):
-            self.acq = value(merged, REG_ACQ, 8) & ~0xFFF
-        if touched(REG_NSSR) and value(merged, REG_NSSR) == NSSR_RESET_VALUE:
-            log.info("%s: NVM subsystem reset", self.name)
-            self.reset()
-            self.csts |= CSTS_NSSRO
-            return False
-        if touched(REG_CC):
-            self._write_cc(value(merged, REG_CC) & CC_WRITABLE)
+    def _write_dword(self, reg: int, value: int) -> bool:
+        """Write one dword of the register file; True after an NVM subsystem reset."""
+        if reg == REG_INTMS:  # write-1-to-set
+            self.irq.set_mask(value)
+        elif reg == REG_INTMC:  # write-1-to-clear
+            self.irq.clear_mask(value)
+        elif reg == REG_CC:
+            self._write_cc(value & CC_WRITABLE)
+        elif reg == REG_CSTS:
+            # Only NSSRO is writable (RW1C); RDY, CFS, SHST and PP are the
+            # controller's to change.
+            if value & CSTS_NSSRO:
+                self.csts &= ~CSTS_NSSRO
+        elif reg == REG_NSSR:
+            if value == NSSR_RESET_VALUE:
+                log.info("%s: NVM subsystem reset", self.name)
+                self.reset()
+                self.csts |= CSTS_NSSRO
+                return True
+        elif reg == REG_AQA:
+            self.aqa = value & 0x0FFF0FFF
+        elif reg == REG_ASQ:
+            self.asq = self.asq & ~0xFFFFFFFF | value & ~0xFFF
+        elif reg == REG_ASQ + 4:
+            self.asq = self.asq & 0xFFFFFFFF | value << 32
+        elif reg == REG_ACQ:
+            self.acq = self.acq & ~0xFFFFFFFF | value & ~0xFFF
+        elif reg == REG_ACQ + 4:
+            self.acq = self.acq & 0xFFFFFFFF | value << 32
+        # CAP, VS and everything from 0x18 (reserved) and 0x38 up: read-only
+        # or reserved, the write is dropped.
         return False
 
     def _write_cc(self, new: int) -> None:
@@ -332,14 +373,25 @@ class NvmeController:
     # --- doorbells --------------------------------------------------------
 
     def _doorbell_write(self, offset: int, data: bytes) -> bool:
-        if offset % 4 or len(data) != 4 or offset >= DOORBELL_PAGE:
+        """A write at ``offset`` into the doorbells (BAR0 0x1000 up, to the BAR's end).
+
+        Every dword there is the doorbell of some queue id (CAP.DSTRD = 0:
+        0x2000-0x3FFF belong to ids 512-1023, which never exist here).  A
+        write to the doorbell of a queue that does not exist raises the
+        Invalid Doorbell Register event (NVMe base spec, Asynchronous Event
+        Information - Error Status); one that is not a dword access is
+        undefined and ignored.
+        """
+        if offset % 4 or len(data) != 4:
             log.warning(
                 "%s: ignored doorbell write of %d bytes at %#x", self.name, len(data), offset
             )
             return False
         index = offset // 4
         qid, is_cq = divmod(index, 2)
-        if not self.ready or qid not in (self.cqs if is_cq else self.sqs):
+        # Queues exist only while ready (a reset deletes them), and never
+        # beyond the doorbell page: such a qid is not in the dicts.
+        if qid not in (self.cqs if is_cq else self.sqs):
             log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
             if self.ready:
                 self.post_event(
@@ -350,6 +402,32 @@ class NvmeController:
         self.doorbells[index] = int.from_bytes(data, "little")
         return True
 
+    def _find_rings_of_missing_queues(self) -> None:
+        """Polled doorbells: report (once) each non-zero doorbell of a queue that does not exist.
+
+        Doorbells of missing queues are zero (reset, queue creation and
+        deletion clear them), so one compare of the page beyond the highest
+        queue finds a ring there; gaps below it are looked at only when
+        there are any.  The value is cleared once reported.
+        """
+        db = self.doorbells
+        top = 2 * (max(self.sqs.keys() | self.cqs.keys(), default=-1) + 1)
+        found = []
+        if self._doorbell_mem[4 * top :].tobytes() != _ZERO_PAGE[4 * top :]:
+            found = [i for i in range(top, len(db)) if db[i]]
+        if top != len(self.sqs) + len(self.cqs):
+            found += [
+                i for i in range(top) if db[i] and i >> 1 not in (self.cqs if i & 1 else self.sqs)
+            ]
+        for index in found:
+            db[index] = 0
+            qid, is_cq = divmod(index, 2)
+            log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
+        if found:
+            self.post_event(
+                AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_REGISTER, LogId.ERROR_INFO
+            )
+
     def _read_doorbells(self) -> None:
         db = self.doorbells
         shadow = self.shadow
@@ -359,7 +437,9 @@ class NvmeController:
                 head = shadow.read(self.dma, index) if shadow and cq.qid else db[index]
                 if head == cq.head:
                     continue
-                if head >= cq.size:
+                # The head may only move forward over posted entries: past
+                # the tail it would free slots the host never read.
+                if head >= cq.size or not _ahead(cq.head, head, cq.tail, cq.size):
                     if cq.bad_head != head:
                         cq.bad_head = head
                         self._invalid_doorbell_value("CQ", cq.qid, head)
@@ -370,7 +450,10 @@ class NvmeController:
                 tail = shadow.read(self.dma, index) if shadow and sq.qid else db[index]
                 if tail == sq.tail:
                     continue
-                if tail >= sq.size:
+                # The tail may only move forward into free slots: back
+                # over pending entries (or round past the head) would make
+                # the queue more than full.
+                if tail >= sq.size or not _ahead(sq.tail, tail, sq.head - 1, sq.size):
                     if sq.bad_tail != tail:
                         sq.bad_tail = tail
                         self._invalid_doorbell_value("SQ", sq.qid, tail)
@@ -415,6 +498,8 @@ class NvmeController:
             return False
         if not self.may_dma():
             return False
+        if self._polled:
+            self._find_rings_of_missing_queues()
         self._read_doorbells()
         for cq in self.cqs.values():
             if cq.overflow:

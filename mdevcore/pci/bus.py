@@ -268,6 +268,15 @@ class DriverUnbound:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class FunctionChanged:
+    """Host-side settings of ``fn`` changed that no other event shows: its
+    driver_override, its PF's sriov_drivers_autoprobe, or a driver's
+    parameter of it (devlink).  Lets state be recorded (mdevd --persist)."""
+
+    fn: PciFunction
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DriverRegistered:
     driver: PciDriver
 
@@ -301,6 +310,7 @@ class AuxUnbound:
 BusEvent = (
     FunctionAdded
     | FunctionRemoved
+    | FunctionChanged
     | DriverBound
     | DriverUnbound
     | DriverRegistered
@@ -346,6 +356,10 @@ class PciBus:
 
     def _emit(self, event: BusEvent) -> None:
         self._observers.emit(event)
+
+    def changed(self, fn: PciFunction) -> None:
+        """A driver changed a setting of ``fn`` (e.g. a devlink parameter): tell observers."""
+        self._emit(FunctionChanged(fn))
 
     def function(self, name: str) -> PciFunction:
         fn = self.functions.get(name)
@@ -469,6 +483,7 @@ class PciBus:
             raise OSError(errno.EINVAL, "driver_override is too long")
         text = data.split(b"\0", 1)[0].split(b"\n", 1)[0]
         fn.driver_override = text.decode(errors="replace") if text else None
+        self._emit(FunctionChanged(fn))
 
     def sriov_numvfs_store(self, pf: PciFunction, data: bytes) -> None:
         """``echo N > sriov_numvfs`` (sriov_numvfs_store)."""
@@ -498,6 +513,7 @@ class PciBus:
     def sriov_autoprobe_store(self, pf: PciFunction, data: bytes) -> None:
         assert pf.sriov is not None
         pf.sriov.drivers_autoprobe = kstrtobool(data)
+        self._emit(FunctionChanged(pf))
 
     # --- SR-IOV core (pci_enable_sriov / pci_disable_sriov) ---------------------
 

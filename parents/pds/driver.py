@@ -112,6 +112,7 @@ class PdsCoreDriver(PciDriver):
         else:
             self._remove_lm_devices(fn)
         log.info("%s: enable_lm %s", fn.name, "true" if on else "false")
+        self.bus.changed(fn)  # recorded by mdevd --persist
 
     def _add_lm_devices(self, fn: PciFunction) -> None:
         assert fn.sriov is not None

@@ -2,7 +2,9 @@
 
 Layout the guest sees:
   vendor 1dd8 (Pensando), device 1006 (NVMe VF, our pick), class 01/08/02
-  BAR0/1  64-bit memory, 16 KiB: controller registers at 0, doorbells at 0x1000
+  BAR0/1  64-bit memory, 16 KiB: controller registers at 0, doorbells from 0x1000
+          to the end (0x2000 up belongs to queue ids 512 and up, which never
+          exist: a write there raises Invalid Doorbell Register)
   BAR4/5  64-bit memory, 16 KiB: MSI-X table at 0, PBA at 0x2000
   capabilities: PM, MSI (1 vector), MSI-X (one vector per queue), PCIe endpoint
   INTx pin A

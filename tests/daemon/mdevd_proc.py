@@ -17,14 +17,25 @@ HANG_GUARD = 60.0  # seconds; only stops a broken daemon from hanging the suite
 
 
 class Mdevd:
-    def __init__(self, base: Path, *extra: str, builtins: bool = False, parent: str = POOL) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *extra: str,
+        builtins: bool = False,
+        parent: str = POOL,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.sysfs = base / "sys"
         self.run_dir = base / "run"
         args = ["serve", "--sysfs", str(self.sysfs), "--run-dir", str(self.run_dir)]
         args += ["--parent", parent, *extra]
         if not builtins:
             args.append("--no-builtins")
-        env = dict(os.environ, PYTHONPATH=f"{CORE_TESTS}:{os.environ.get('PYTHONPATH', '')}")
+        env = dict(
+            os.environ,
+            PYTHONPATH=f"{CORE_TESTS}:{os.environ.get('PYTHONPATH', '')}",
+            **(env or {}),
+        )
         # the log goes to a file: an unread pipe would fill up and stall the daemon
         self.log_path = base / "mdevd.log"
         with open(self.log_path, "wb") as log:

@@ -235,3 +235,51 @@ def test_repeated_bad_doorbells_do_not_grow_the_event_queue(io_host: Host) -> No
     done = io_host.reap(0)
     assert [c.cid for c in done] == [aer.cid]
     assert done[0].dw0 & 0xFF07 == 0x0000  # error event, invalid doorbell register
+
+
+def test_shared_doorbell_of_a_missing_queue_raises_invalid_doorbell_register(
+    tmp_path,
+    mem: GuestMemory,  # type: ignore[no-untyped-def]
+) -> None:
+    """Polled doorbells have no trap: the ring of a missing queue is found in memory."""
+    page = mmap.mmap(-1, 4096)
+    ns = FileNamespace(tmp_path / "m.img", 1 << 20)
+    irqs: list[int] = []
+    try:
+        view = memoryview(page)
+        ctrl = NvmeController(
+            mem, [ns], irqs.append, config=ControllerConfig(max_io_queues=8), doorbells=view
+        )
+        host = Host(ctrl, mem, shared_doorbells=view)
+        host.enable()
+        host.create_io_queue_pair(1)
+        host.create_io_queue_pair(3)  # queue 2 is a gap below the highest queue
+        # a queue used and deleted leaves no stale doorbell behind
+        host.create_io_queue_pair(5)
+        assert host.command(5, make_command(IoOpcode.FLUSH, nsid=1)).status == 0
+        assert host.admin(AdminOpcode.DELETE_IO_SQ, cdw10=5).status == 0
+        assert host.admin(AdminOpcode.DELETE_IO_CQ, cdw10=5).status == 0
+        host.run()
+        assert not ctrl.events.queued
+        for index in (2 * 2, 2 * 2 + 1, 2 * 6, 1023):  # gap SQ/CQ, beyond, last of the page
+            aer = host.submit(0, make_command(AdminOpcode.ASYNC_EVENT_REQUEST))
+            host.run()
+            host.ring(index, 1)
+            host.run()
+            done = host.reap(0)
+            assert [(c.cid, c.dw0) for c in done] == [(aer.cid, 0x010000)], index
+            assert host.shared[index] == 0  # type: ignore[index]  # reported once, cleared
+            # read the Error Information log: unmasks the next error event
+            buf = mem.alloc(4096)
+            cqe = host.admin(
+                AdminOpcode.GET_LOG_PAGE, nsid=0xFFFFFFFF, prp1=buf, cdw10=0xF << 16 | 1
+            )
+            assert cqe.status == 0
+        # the existing queues are unaffected
+        assert host.command(3, make_command(IoOpcode.FLUSH, nsid=1)).status == 0
+        ctrl.close()
+        host.shared.release()  # type: ignore[union-attr]
+        view.release()
+    finally:
+        ns.close()
+        page.close()

@@ -291,3 +291,26 @@ def test_failed_vf_construction_leaks_no_fds(
     with pytest.raises(ValueError):
         PdsNvmeVf(config)
     assert open_fds() == before
+
+
+def test_vf_doorbells_up_to_the_end_of_bar0_report_missing_queues(workdir: str) -> None:
+    """BAR0 is 16 KiB: its last 8 KiB are doorbells of queue ids 512 and up."""
+    from mdevcore.vfio_user.backend import DmaMapping
+
+    mem = GuestMemory(size=1 << 20)
+    vf = PdsNvmeVf(VfConfig(backing=os.path.join(workdir, "d.img"), size=NS_BYTES, io_queues=2))
+    try:
+        rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
+        vf.dma_map(DmaMapping(address=mem.base, size=mem.size, flags=rw, fd=mem.fd, offset=0))
+        host = VfHost(vf, mem)
+        host.enable()
+        aer = host.submit(0, make_command(AdminOpcode.ASYNC_EVENT_REQUEST))
+        host.run()
+        vf.region_write(0, 0x3FFC, struct.pack("<I", 7))  # CQ 1535's head doorbell
+        host.run()
+        done = host.reap(0)
+        assert [(c.cid, c.dw0) for c in done] == [(aer.cid, 0x010000)]  # invalid register
+        assert vf.region_read(0, 0x3FFC, 4) == bytes(4)  # doorbells are write-only
+    finally:
+        vf.close()
+        mem.close()

@@ -50,7 +50,7 @@ class Card:
 async def make_card(tmp_path: Path, **config: Any) -> AsyncIterator[Card]:
     """A started card (4 VFs of 16 MiB unless ``config`` says otherwise)."""
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(exist_ok=True)  # a second card may follow the first (restarts)
     async with trio.open_nursery() as nursery:
         tree = SysfsTree()
         servers = NamedServers(run_dir, nursery)
