@@ -26,6 +26,7 @@ from mdevcore.daemon import parents
 from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
 from mdevcore.daemon.hosts import HostContext, HostedParent
+from mdevcore.daemon.iplink import NetdevRegistry
 from mdevcore.daemon.persist import PersistStore
 from mdevcore.daemon.servers import UNIX_PATH_MAX, ServerManager
 from mdevcore.pci.bus import PciBus
@@ -107,6 +108,7 @@ async def _serve(
             servers = ServerManager(core, run_dir, nursery)
             host_servers = servers.servers  # VFs by BDF beside the mdevs by UUID
             devlink = DevlinkRegistry()
+            netdevs = NetdevRegistry()  # PF netdevs for mdevd ip
             settle = servers.settle
 
             persist = PersistStore(core, persist_dir) if persist_dir else None
@@ -121,11 +123,11 @@ async def _serve(
             started: list[HostedParent] = []
             try:
                 for host in hosts:
-                    host.start(HostContext(view.tree, host_servers, devlink, run_dir, bus))
+                    host.start(HostContext(view.tree, host_servers, devlink, run_dir, bus, netdevs))
                     started.append(host)
                 ctl = control_path(run_dir)
                 if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
-                    await nursery.start(ControlServer(ctl, devlink, settle).serve)
+                    await nursery.start(ControlServer(ctl, devlink, settle, netdevs).serve)
                 else:
                     log.warning("%s is too long for AF_UNIX: no control socket (devlink)", ctl)
                 async with mounted(view.tree, sysfs, settle=settle):

@@ -110,6 +110,18 @@ class VirtioNetDevice(VirtioPciDevice):
             self._rx_room.set()  # background() may be parked on a full backlog
         self.config_changed()
 
+    def set_mac(self, mac: bytes) -> None:
+        """Host-side MAC (e.g. ip link set PF vf N mac): config and RX filter follow.
+
+        It also survives a device reset, unlike a MAC the driver set with
+        CTRL_MAC_ADDR_SET.
+        """
+        if len(mac) != 6:
+            raise ValueError("a MAC is 6 bytes")
+        self.net = dataclasses.replace(self.net, mac=mac)
+        self.control.filter.mac = mac
+        self.config_changed()
+
     def on_virtio_reset(self) -> None:
         self.control = NetControl(RxFilter(self.net.mac), self.net.max_pairs)
         self.rx_backlog.clear()
