@@ -18,9 +18,9 @@ import pytest
 from ifcvf_card import PF, VF0, VF1
 from mdevd_proc import MDEVD, Mdevd, sh
 from net_guest import NetGuest
-from netns import needs_netns, netns, run_in
 
 from mdevcore.plugins import ENTRY_POINT_GROUP
+from mdevcore.testing.netns import needs_netns, netns, run_in
 
 pytestmark = [
     needs_netns,

@@ -19,8 +19,8 @@ import pytest
 import trio
 from ifcvf_card import PF_DIR, VF0, make_card
 from net_guest import RX0, NetGuest
-from netns import needs_netns, netns, run_in
 
+from mdevcore.testing.netns import needs_netns, netns, run_in
 from mdevcore.virtio.net.tap import TapBackend
 
 pytestmark = needs_netns

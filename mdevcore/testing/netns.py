@@ -1,4 +1,9 @@
-"""A network namespace for a test: made with ``ip netns add``, deleted afterwards."""
+"""Network namespaces for tests: made with ``ip netns add``, deleted afterwards.
+
+``netns(prefix)`` yields the name of a fresh namespace (IPv6 off, lo up);
+``run_in(ns, *argv)`` runs a command inside it; ``needs_netns`` skips a
+test where namespaces and TAPs cannot be made (not root, no tun, no ip).
+"""
 
 from __future__ import annotations
 
