@@ -2,7 +2,7 @@
 
 Startup order: parents (installed plug-ins, then --parent), the server manager,
 --persist restore, hosted parents (the pds card, mdevcore.daemon.hosts),
-the control socket <run-dir>/mdevd.ctl (``mdevd devlink``), the mirror
+the control socket <run-dir>/mdevd.ctl (``mdevd devlink``, ``mdevd ip``), the mirror
 mount, then the banner ending in "mdevd: ready".  SIGTERM/SIGINT: stop
 following persistence (records stay), stop hosted parents, disconnect
 clients and stop servers (sockets unlinked), unmount, exit 0.

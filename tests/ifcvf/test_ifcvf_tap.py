@@ -157,3 +157,17 @@ async def test_tap_errors_reach_the_sysfs_writer(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         TapBackend("bad name")
     assert info.value.errno == errno.EINVAL
+
+
+async def test_a_tap_deleted_under_the_backend_is_a_dead_wire() -> None:
+    with netns("ifcz") as ns:
+        backend = TapBackend("ifcz0", ns)
+        try:
+            run_in(ns, "ip", "link", "del", "ifcz0")
+            backend.send(bytes(60))
+            assert (backend.stats.tx_frames, backend.stats.tx_dropped) == (0, 1)
+            with trio.move_on_after(0.2) as scope:
+                await backend.receive()  # neither a frame nor an exception
+            assert scope.cancelled_caught
+        finally:
+            backend.close()

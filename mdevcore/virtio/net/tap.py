@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import struct
 import threading
@@ -29,6 +30,8 @@ from pathlib import Path
 import trio
 
 from mdevcore.virtio.net.backend import MAX_FRAME, BackendStats
+
+log = logging.getLogger(__name__)
 
 TUN_PATH = "/dev/net/tun"
 NETNS_DIR = Path("/run/netns")
@@ -132,12 +135,22 @@ class TapBackend:
         self.stats.tx_frames += 1
 
     async def receive(self) -> bytes:
-        """The next frame the host sent into the TAP (oversized ones are dropped)."""
+        """The next frame the host sent into the TAP (oversized ones are dropped).
+
+        If the interface goes away under us (its namespace deleted: the fd
+        then answers EBADFD), the wire is dead: this waits forever, like a
+        cable pulled out, instead of failing the device.
+        """
         while True:
             await trio.lowlevel.wait_readable(self.fd)
             try:
                 frame = os.read(self.fd, MAX_FRAME + 1)
             except BlockingIOError:
+                continue
+            except OSError as exc:
+                log.warning("TAP %s: %s; no more frames from it", self.name, exc.strerror)
+                await trio.sleep_forever()
+            if not frame:
                 continue
             if len(frame) > MAX_FRAME:
                 self.stats.rx_truncated += 1
