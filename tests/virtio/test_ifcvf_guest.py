@@ -4,8 +4,9 @@ The VF is served by DeviceServer in this test's trio run; its backend's
 other end is a tiny IPv4 host (net_responder.Responder) answering ARP and
 ping at 10.0.0.1.  In the MSI-X boot the guest has a second VF whose wire
 is a TAP in a network namespace made by the test: the guest pings the
-namespace's kernel and sends it 16 MiB over TCP (busybox nc), whose
-sha256 a receiver there must match.  The lab boots a TCG guest whose script loads virtio_net
+namespace's kernel 200 times, then 16 MiB go over TCP each way (busybox
+nc in the guest, a Python peer in the namespace) and both ends' sha256
+must match.  The lab boots a TCG guest whose script loads virtio_net
 (a module in the lab kernel; the .ko files travel in the boot's files),
 checks the interface's MAC and carrier, pings, sees the host take the link
 down and up, changes the MTU and pings with full-size frames, and rebinds
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.qemu
 
 VF_MAC = "02:1f:c0:00:00:01"
 TAP_VF_MAC = "02:1f:c0:00:00:02"
-TAP, NS_IP, PORT = "ifcg0", "10.77.0.1", 7777
+TAP, NS_IP, GUEST_IP, PORT, GUEST_PORT = "ifcg0", "10.77.0.1", "10.77.0.2", 7777, 7778
+TAP_PINGS = 200
 BLOB_MIB = 16
 HOST_MAC = bytes.fromhex("020000000001")
 HOST_IP = bytes([10, 0, 0, 1])
@@ -103,18 +105,22 @@ TAP_SCRIPT = f"""
 find_if {TAP_VF_MAC}
 echo "tap-if $IF"
 ip link set $IF up
-ip addr add 10.77.0.2/24 dev $IF
+ip addr add {GUEST_IP}/24 dev $IF
 wait_carrier 1 tcarrier
-pings tping 3 "" {NS_IP}
+ping -c {TAP_PINGS} -i 0.02 -W 3 {NS_IP} | grep "packets transmitted" | sed "s/^/tping /"
 dd if=/dev/urandom of=/tmp/blob bs=1M count={BLOB_MIB} 2>/dev/null
 echo "blob $(sha256sum /tmp/blob | cut -d' ' -f1)"
 timeout 300 nc {NS_IP} {PORT} < /tmp/blob
 echo "nc rc $?"
+timeout 300 nc -l -p {GUEST_PORT} > /tmp/rx < /dev/null
+echo "rx $(wc -c < /tmp/rx) $(sha256sum /tmp/rx | cut -d' ' -f1)"
 """
 
-# Runs in the namespace: one TCP connection, read to EOF, print length and sha256.
-RECEIVER = f"""
-import hashlib, socket
+# The guest's peer, in the namespace: take one TCP connection and read it to
+# EOF (print length and sha256), then connect to the guest's listener (it
+# may not listen yet: retry) and send it BLOB_MIB random MiB (print sha256).
+PEER = f"""
+import hashlib, os, socket, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("{NS_IP}", {PORT}))
@@ -128,6 +134,19 @@ while chunk := c.recv(1 << 16):
     n += len(chunk)
 c.close()
 print(n, h.hexdigest(), flush=True)
+blob = os.urandom({BLOB_MIB} << 20)
+deadline = time.monotonic() + 300
+while True:
+    try:
+        out = socket.create_connection(("{GUEST_IP}", {GUEST_PORT}), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.3)
+out.sendall(blob)
+out.close()
+print(len(blob), hashlib.sha256(blob).hexdigest(), flush=True)
 """
 
 
@@ -169,24 +188,29 @@ async def test_guest_virtio_net_driver_pings_through_the_vf(
             run_in(ns, "ip", "tuntap", "add", TAP, "mode", "tap")  # persistent: addressable now
             run_in(ns, "ip", "addr", "add", f"{NS_IP}/24", "dev", TAP)
             run_in(ns, "ip", "link", "set", TAP, "up")
-            receiver = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "python3", "-c", RECEIVER],
+            peer = subprocess.Popen(
+                ["ip", "netns", "exec", ns, "python3", "-c", PEER],
                 stdout=subprocess.PIPE,
                 text=True,
             )
             try:
-                assert receiver.stdout is not None
-                assert receiver.stdout.readline() == "ready\n"
+                assert peer.stdout is not None
+                assert peer.stdout.readline() == "ready\n"
                 out, vf, responder, link_events = await boot_with_vfs(lab, workdir, kernel_args, ns)
-                received, _ = await trio.to_thread.run_sync(receiver.communicate, None, 60)
+                received, _ = await trio.to_thread.run_sync(peer.communicate, None, 60)
             finally:
-                if receiver.poll() is None:
-                    receiver.kill()
-                    receiver.wait()
-        assert re.search(r"^tping 3 packets transmitted, 3 packets received", out, re.M), out
+                if peer.poll() is None:
+                    peer.kill()
+                    peer.wait()
+        pings = rf"^tping {TAP_PINGS} packets transmitted, {TAP_PINGS} packets received"
+        assert re.search(pings, out, re.M), out
         blob = re.search(r"^blob ([0-9a-f]{64})$", out, re.M)
         assert blob is not None and "nc rc 0" in out, out
-        assert received.split() == [str(BLOB_MIB << 20), blob.group(1)], (received, out)
+        size = str(BLOB_MIB << 20)
+        assert received.split()[:2] == [size, blob.group(1)], (received, out)  # guest -> ns
+        sent = received.split()[2:]
+        assert len(sent) == 2 and sent[0] == size, (received, out)
+        assert re.search(rf"^rx {size} {sent[1]}$", out, re.M), (received, out)  # ns -> guest
     check_guest_output(out, kernel_args, vf, responder, link_events)
 
 
