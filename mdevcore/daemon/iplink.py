@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import string
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,17 +146,24 @@ class _VfChange:
     state: str | None = None
 
 
+def _vf_number(word: str) -> int | None:
+    """get_integer(): decimal, or hex after 0x; no sign, spaces or underscores; int range."""
+    digits, base = (word[2:], 16) if word[:2].lower() == "0x" else (word, 10)
+    allowed = string.hexdigits if base == 16 else string.digits
+    if not digits or not all(c in allowed for c in digits):
+        return None
+    value = int(digits, base)
+    return value if value <= 0x7FFFFFFF else None
+
+
 def _parse_vf(args: list[str], reply: Reply) -> _VfChange | None:
     """After ``vf``: NUM then mac/state pairs (iplink_parse_vf)."""
     if not args:
         reply.fail(_INCOMPLETE)
         return None
     word = args.pop(0)
-    try:
-        vf = int(word, 0)
-    except ValueError:
-        vf = -1
-    if vf < 0:
+    vf = _vf_number(word)
+    if vf is None:
         _invarg(reply, 'Invalid "vf" value', word)
         return None
     change = _VfChange(vf)

@@ -55,6 +55,7 @@ async def test_syntax_output_and_refusals(tmp_path: Path) -> None:
         for line in ("link show dev ifcvf0", f"l sh {PF}", "link", "link list"):
             assert card.ip(line).out == expect, line
         assert card.ip(f"link set dev {PF} vf 0 state auto").rc == 0  # by PCI address
+        assert card.ip("link set ifcvf0 vf 0x1 state enable vf 1 state auto").rc == 0
         for line, err in [
             (f"link set ifcvf0 vf 2 mac {NEW}", "RTNETLINK answers: Invalid argument"),
             ("link set ifcvf0 vf 0 mac 01:00:5e:00:00:01", "RTNETLINK answers: Invalid argument"),
@@ -69,6 +70,14 @@ async def test_syntax_output_and_refusals(tmp_path: Path) -> None:
                 'Error: argument "sleepy" is wrong: Invalid "state" value',
             ),
             ("link set ifcvf0 vf x state auto", 'Error: argument "x" is wrong: Invalid "vf" value'),
+            (
+                "link set ifcvf0 vf 1_0 state auto",
+                'Error: argument "1_0" is wrong: Invalid "vf" value',
+            ),
+            (
+                "link set ifcvf0 vf -1 state auto",
+                'Error: argument "-1" is wrong: Invalid "vf" value',
+            ),
             ("link set ifcvf0 vf 0 mac", 'Command line is not complete. Try option "help"'),
             ("link set ifcvf0 vf", 'Command line is not complete. Try option "help"'),
             ("link set vf 0 state auto", 'Not enough of information: "dev" argument is required.'),
