@@ -8,6 +8,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 sys.path.insert(0, str(_HERE.parent / "virtio"))  # the test virtio-net driver (NetGuest)
 sys.path.insert(0, str(_HERE.parent / "daemon"))  # the mdevd runner
+sys.path.insert(0, str(_HERE.parent / "nvme"))  # migration steps by hand (mig_by_hand)
 
 from ifcvf_card import Card, make_card  # noqa: E402
 

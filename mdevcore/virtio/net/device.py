@@ -26,6 +26,7 @@ import trio
 from mdevcore.pci.device import PciIdentity
 from mdevcore.virtio import spec
 from mdevcore.virtio.chain import VirtqError, gather, scatter
+from mdevcore.virtio.net import state
 from mdevcore.virtio.net.backend import FrameBackend
 from mdevcore.virtio.net.control import NetControl, RxFilter
 from mdevcore.virtio.net.datapath import drain_tx, place_rx
@@ -130,6 +131,9 @@ class VirtioNetDevice(VirtioPciDevice):
     def on_driver_ok(self) -> None:
         self.deliver_rx()
 
+    def on_resume(self) -> None:
+        self.deliver_rx()
+
     # --- queues ----------------------------------------------------------------------
 
     def queue_notified(self, queue: SplitQueue) -> None:
@@ -193,6 +197,8 @@ class VirtioNetDevice(VirtioPciDevice):
 
     def deliver_rx(self) -> None:
         """Move backlog frames into RX buffers while there are some."""
+        if not self.executing:
+            return  # stopped for migration: frames wait (on_resume delivers them)
         mergeable = self.has(spec.NET_F_MRG_RXBUF)
         notify: set[int] = set()
         while self.rx_backlog and self.driver_ok:
@@ -227,6 +233,14 @@ class VirtioNetDevice(VirtioPciDevice):
                 await self._rx_room.wait()
             frame = await self.backend.receive()
             self.receive(frame)
+
+    # --- migration (for a device type that sets migration_flags) --------------------
+
+    def save_state(self) -> bytes:
+        return state.save(self)
+
+    def load_state(self, data: bytes) -> None:
+        state.load(self, data)
 
     def on_close(self) -> None:
         self.backend.close()
