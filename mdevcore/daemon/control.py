@@ -2,8 +2,8 @@
 
 One request per line, one reply per line.  The commands are
 ``{"cmd": "devlink", "argv": [...]}`` answered by ``{"rc", "out", "err"}``
-(see ``mdevcore.daemon.devlink``), and ``{"cmd": "ip", "argv": [...]}``
-the same way (``mdevcore.daemon.iplink``).  Requests run on the daemon's trio
+(see ``mdevcore.daemon.devlink``), and ``"cmd": "ip"`` (``mdevcore.daemon.iplink``).
+Requests run on the daemon's trio
 thread, so they see and change the same state as sysfs writes; after a
 request that changed something, ``settle`` is awaited before the reply,
 so what it started (a socket, a device) exists when the client returns.
@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from mdevcore.daemon.devlink import DevlinkRegistry, Reply, run_devlink
+from mdevcore.daemon.devlink import DevlinkRegistry, run_devlink
 from mdevcore.daemon.iplink import NetdevRegistry, run_ip
 from mdevcore.unix_listener import unix_listener
 
@@ -40,24 +40,20 @@ def handle_request(
         request = json.loads(line)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         return {"rc": 1, "out": "", "err": f"mdevd: malformed request: {e}\n"}
-    runners: dict[str, Callable[[list[str]], Reply]] = {
-        "devlink": lambda argv: run_devlink(registry, argv),
-    }
-    if netdevs is not None:  # {"cmd": "ip", ...}: mdevcore.daemon.iplink
-        runners["ip"] = lambda argv: run_ip(netdevs, argv)
-    cmd = request.get("cmd") if isinstance(request, dict) else None
-    run = runners.get(cmd) if isinstance(cmd, str) else None
-    if run is None:
+    if not isinstance(request, dict) or request.get("cmd") not in ("devlink", "ip"):
         return {"rc": 1, "out": "", "err": "mdevd: unknown control command\n"}
     argv = request.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         return {"rc": 1, "out": "", "err": "mdevd: argv must be a list of strings\n"}
     try:
-        reply = run(argv)
+        if request["cmd"] == "ip":
+            reply = run_ip(netdevs if netdevs is not None else NetdevRegistry(), argv)
+        else:
+            reply = run_devlink(registry, argv)
     except Exception:
         # A driver's parameter hook failing in an unforeseen way must not
         # take the control server (and with it the daemon) down.
-        log.exception("control: %s %s crashed", cmd, argv)
+        log.exception("control: devlink %s crashed", argv)
         return {"rc": 1, "out": "", "err": "mdevd: internal error, see the daemon's log\n"}
     return {"rc": reply.rc, "out": reply.out, "err": reply.err}
 
