@@ -35,8 +35,9 @@ class PfNetdev:
         return self.pf.cfg.mtu
 
     def vfs(self) -> list[VfInfo]:
-        settings = self.pf.settings
-        return [VfInfo(settings[i].mac, settings[i].state.value) for i in sorted(self.pf.vfs)]
+        # The MAC the VF has now: a migrated-in VF brings its own.
+        settings, vfs = self.pf.settings, self.pf.vfs
+        return [VfInfo(vfs[i].net.mac, settings[i].state.value) for i in sorted(vfs)]
 
     def set_vf_mac(self, vf: int, mac: bytes) -> None:
         self.pf.set_vf_mac(vf, mac)
