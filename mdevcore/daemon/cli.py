@@ -7,6 +7,7 @@ mdevd parents
 mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
+mdevd ip [--run-dir DIR] link {set|show} ...
 mdevd migrate [send|receive] ...
 mdevd lab ...
 """
@@ -102,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     d.add_argument("args", nargs=argparse.REMAINDER, help="e.g. dev param show")
 
+    i = sub.add_parser("ip", help="iproute2's ip link set PF vf N mac/state, against mdevd")
+    i.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    i.add_argument("args", nargs=argparse.REMAINDER, help="e.g. link set ifcvf0 vf 0 state disable")
+
     sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
     sub.add_parser("migrate", help="live-migrate a device (mdevcore.migration.cli)", add_help=False)
     return p
@@ -143,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             from mdevcore.daemon.devlink import devlink_main
 
             return devlink_main(args.run_dir, args.args)
+        if args.command == "ip":
+            from mdevcore.daemon.iplink import ip_main
+
+            return ip_main(args.run_dir, args.args)
     except OSError as e:
         print(f"mdevd: error: {e.strerror or e}", file=sys.stderr)
         return 1

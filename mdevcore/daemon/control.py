@@ -1,8 +1,9 @@
 """mdevd's control socket: JSON lines on ``<run-dir>/mdevd.ctl``.
 
-One request per line, one reply per line.  Today the only command is
+One request per line, one reply per line.  The commands are
 ``{"cmd": "devlink", "argv": [...]}`` answered by ``{"rc", "out", "err"}``
-(see ``mdevcore.daemon.devlink``).  Requests run on the daemon's trio
+(see ``mdevcore.daemon.devlink``), and ``"cmd": "ip"`` (``mdevcore.daemon.iplink``).
+Requests run on the daemon's trio
 thread, so they see and change the same state as sysfs writes; after a
 request that changed something, ``settle`` is awaited before the reply,
 so what it started (a socket, a device) exists when the client returns.
@@ -22,6 +23,7 @@ from typing import Any
 import trio
 
 from mdevcore.daemon.devlink import DevlinkRegistry, run_devlink
+from mdevcore.daemon.iplink import NetdevRegistry, run_ip
 from mdevcore.unix_listener import unix_listener
 
 log = logging.getLogger(__name__)
@@ -30,19 +32,24 @@ MAX_REQUEST = 64 * 1024
 Settle = Callable[[], Awaitable[None]]
 
 
-def handle_request(registry: DevlinkRegistry, line: bytes) -> dict[str, Any]:
+def handle_request(
+    registry: DevlinkRegistry, line: bytes, netdevs: NetdevRegistry | None = None
+) -> dict[str, Any]:
     """One request line -> the reply object (never raises for bad input)."""
     try:
         request = json.loads(line)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         return {"rc": 1, "out": "", "err": f"mdevd: malformed request: {e}\n"}
-    if not isinstance(request, dict) or request.get("cmd") != "devlink":
+    if not isinstance(request, dict) or request.get("cmd") not in ("devlink", "ip"):
         return {"rc": 1, "out": "", "err": "mdevd: unknown control command\n"}
     argv = request.get("argv")
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         return {"rc": 1, "out": "", "err": "mdevd: argv must be a list of strings\n"}
     try:
-        reply = run_devlink(registry, argv)
+        if request["cmd"] == "ip":
+            reply = run_ip(netdevs if netdevs is not None else NetdevRegistry(), argv)
+        else:
+            reply = run_devlink(registry, argv)
     except Exception:
         # A driver's parameter hook failing in an unforeseen way must not
         # take the control server (and with it the daemon) down.
@@ -52,8 +59,15 @@ def handle_request(registry: DevlinkRegistry, line: bytes) -> dict[str, Any]:
 
 
 class ControlServer:
-    def __init__(self, path: Path, registry: DevlinkRegistry, settle: Settle) -> None:
+    def __init__(
+        self,
+        path: Path,
+        registry: DevlinkRegistry,
+        settle: Settle,
+        netdevs: NetdevRegistry | None = None,
+    ) -> None:
         self.path = path
+        self.netdevs = netdevs
         self.registry = registry
         self.settle = settle
 
@@ -82,7 +96,7 @@ class ControlServer:
                             log.warning("control: request over %d bytes; closing", MAX_REQUEST)
                             return
                     line, buf = buf.split(b"\n", 1)
-                    reply = handle_request(self.registry, line)
+                    reply = handle_request(self.registry, line, self.netdevs)
                     await self.settle()
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError):

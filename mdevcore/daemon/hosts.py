@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mdevcore.daemon.devlink import DevlinkRegistry
+from mdevcore.daemon.iplink import NetdevRegistry
 from mdevcore.daemon.servers import NamedServers
 from mdevcore.pci.bus import PciBus
 from mdevcore.sysfs.tree import SysfsTree
@@ -36,6 +37,8 @@ class HostContext:
     devlink: DevlinkRegistry
     run_dir: Path
     bus: PciBus  # the daemon's one PCI bus; its sysfs view is the daemon's too
+    # PF netdevs that ``mdevd ip link set PF vf N ...`` reaches (the control socket's)
+    netdevs: NetdevRegistry = dataclasses.field(default_factory=NetdevRegistry)
 
 
 class HostedParent(Protocol):

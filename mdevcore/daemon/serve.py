@@ -5,7 +5,7 @@ Startup order: parents (installed plug-ins, then --parent), the server manager,
 mdevcore.daemon.hosts) and the --persist restore of their PCI state
 (SR-IOV, bindings, devlink: mdevcore.daemon.pci_persist), the devices
 mdevctl defined with --auto (mdevcore.daemon.autostart), the control socket
-<run-dir>/mdevd.ctl (``mdevd devlink``), the mirror mount, then the banner
+<run-dir>/mdevd.ctl (``mdevd devlink``, ``mdevd ip``), the mirror mount, then the banner
 ending in "mdevd: ready" and, under systemd, READY=1 to $NOTIFY_SOCKET.
 SIGTERM/SIGINT: STOPPING=1, stop following persistence (records stay),
 stop hosted parents, disconnect clients and stop servers (sockets
@@ -31,6 +31,7 @@ from mdevcore.daemon.autostart import Autostart
 from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
 from mdevcore.daemon.hosts import HostContext, HostedParent
+from mdevcore.daemon.iplink import NetdevRegistry
 from mdevcore.daemon.pci_persist import PCI_STATE_FILE, PciPersist
 from mdevcore.daemon.persist import PersistStore
 from mdevcore.daemon.servers import LIBVFIO_USER, UNIX_PATH_MAX, ServerManager, TransportChoice
@@ -136,6 +137,7 @@ async def _serve(
             servers = ServerManager(core, run_dir, nursery, transports or TransportChoice())
             host_servers = servers.servers  # VFs by BDF beside the mdevs by UUID
             devlink = DevlinkRegistry()
+            netdevs = NetdevRegistry()  # PF netdevs for mdevd ip
             settle = servers.settle
 
             persist = PersistStore(core, persist_dir) if persist_dir else None
@@ -152,7 +154,7 @@ async def _serve(
             autostart: Autostart | None = None
             try:
                 for host in hosts:
-                    host.start(HostContext(view.tree, host_servers, devlink, run_dir, bus))
+                    host.start(HostContext(view.tree, host_servers, devlink, run_dir, bus, netdevs))
                     started.append(host)
                 if persist_dir is not None and hosts:
                     pci_persist = PciPersist(bus, devlink, persist_dir / PCI_STATE_FILE)
@@ -164,7 +166,7 @@ async def _serve(
                     autostart.start()
                 ctl = control_path(run_dir)
                 if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
-                    await nursery.start(ControlServer(ctl, devlink, settle).serve)
+                    await nursery.start(ControlServer(ctl, devlink, settle, netdevs).serve)
                 else:
                     log.warning("%s is too long for AF_UNIX: no control socket (devlink)", ctl)
                 async with mounted(view.tree, sysfs, settle=settle):

@@ -15,6 +15,8 @@
   migration v2 protocol, as a VMM would (STOP_COPY, RESUMING, RUNNING).
 * :func:`boot_guest` (``mdevcore.testing.guest``) boots a lab Linux guest
   attached to the device and runs a guest script in it.
+* :func:`~mdevcore.testing.netns.netns` makes a network namespace for a
+  test (a TAP-backed device's far end), removed afterwards.
 * The pytest plug-in (``mdevcore.testing.fixtures``, loaded automatically
   once mdevcore is installed) offers the ``mdev_serve`` fixture.
 """

@@ -17,6 +17,13 @@ INTx until the driver reads the ISR, which clears it.
 A protocol error on a queue (VirtqError) marks it broken, sets
 DEVICE_NEEDS_RESET and (after DRIVER_OK) raises a configuration change
 interrupt: the driver has to reset the device.
+
+Migration (a device type that sets ``migration_flags``): outside RUNNING
+and PRE_COPY the device touches no guest memory and raises no interrupt.
+Notifications are latched and interrupts held, and both are served when
+it runs again; after a restore every queue is looked at and every
+interrupt raised once (the source may have had some in flight; a
+spurious virtio interrupt costs the driver one look at its rings).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 
 from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
+from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.virtio import spec
 from mdevcore.virtio.chain import VirtqError
@@ -73,6 +81,9 @@ class VirtioPciDevice(PciDevice):
         self.common = CommonConfig(self, self.queues, device_features)
         self.isr = 0
         self.reset_count = 0  # virtio resets so far (status 0, DEVICE_RESET, FLR): for logs/tests
+        self._latched: set[int] = set()  # queues notified while not executing
+        self._held_irqs: set[tuple[int, int]] = set()  # (vector, ISR bit) held meanwhile
+        self.restored = False  # state loaded; the resume looks at everything
 
     # --- what a device type overrides ------------------------------------------
 
@@ -98,6 +109,9 @@ class VirtioPciDevice(PciDevice):
     def on_queue_reset(self, queue: SplitQueue) -> None:
         """One queue was reset (VIRTIO_F_RING_RESET): drop its in-flight work."""
 
+    def on_resume(self) -> None:
+        """The device executes again after a migration stop: catch up (e.g. RX)."""
+
     # --- CommonCfgOwner ---------------------------------------------------------
 
     def msix_vectors(self) -> int:
@@ -105,6 +119,8 @@ class VirtioPciDevice(PciDevice):
 
     def virtio_reset(self) -> None:
         self.reset_count += 1
+        self._latched.clear()
+        self._held_irqs.clear()
         for q in self.queues:
             q.reset()
         self.common.reset()
@@ -125,6 +141,11 @@ class VirtioPciDevice(PciDevice):
         self.on_queue_reset(queue)
 
     # --- state the device type reads ----------------------------------------------
+
+    @property
+    def executing(self) -> bool:
+        """May the device touch guest memory and interrupt (migration RUNNING/PRE_COPY)?"""
+        return self.mig_state in (MigState.RUNNING, MigState.PRE_COPY)
 
     @property
     def driver_ok(self) -> bool:
@@ -174,6 +195,9 @@ class VirtioPciDevice(PciDevice):
         )
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
+        if not self.executing:
+            self._held_irqs.add((vector, isr_bit))
+            return
         if self._msix_enabled():
             if vector != spec.MSI_NO_VECTOR:
                 self.trigger(vfio.PCI_MSIX_IRQ_INDEX, vector)
@@ -223,12 +247,39 @@ class VirtioPciDevice(PciDevice):
         queue = self.queues[index]
         if not queue.enabled or queue.broken is not None or not self.driver_ok:
             return
+        if not self.executing:
+            self._latched.add(index)  # served when the device runs again
+            return
         self.queue_notified(queue)
 
     # --- PciDevice hooks ------------------------------------------------------------
 
     def on_reset(self) -> None:
         self.virtio_reset()
+
+    def on_migration_state(self, old: MigState, new: MigState) -> None:
+        running = (MigState.RUNNING, MigState.PRE_COPY)
+        if new in running and old not in running:
+            self._resume()
+
+    def _resume(self) -> None:
+        held, self._held_irqs = self._held_irqs, set()
+        latched, self._latched = self._latched, set()
+        if self.restored:
+            self.restored = False
+            latched = set(range(len(self.queues)))
+            if self.driver_ok:
+                held.add((self.common.msix_config, spec.ISR_CONFIG))
+                for q in self.queues:
+                    if q.enabled:
+                        held.add((self.common.queue_vectors[q.index], spec.ISR_QUEUE))
+        for vector, isr_bit in sorted(held):
+            self._interrupt(vector, isr_bit)
+        for index in sorted(latched):
+            queue = self.queues[index]
+            if queue.enabled and queue.broken is None and self.driver_ok:
+                self.queue_notified(queue)
+        self.on_resume()
 
     # --- migration helpers -----------------------------------------------------------
 

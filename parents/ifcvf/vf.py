@@ -10,11 +10,16 @@ The function is a plain modern virtio-net device (vendor 1af4, device
          plus one for config changes)
   capabilities: MSI-X, the four virtio vendor capabilities, PCI Express
   INTx pin A
+
+Live migration (VFIO migration v2, STOP_COPY and P2P), software-assisted
+as the seed's relay mode: every RX buffer and used-ring write goes
+through the DMA table, which logs its pages while dirty logging is on;
+the state is mdevcore.virtio.net.state's.
 """
 
 from __future__ import annotations
 
-from mdevcore.pci.device import PciIdentity
+from mdevcore.pci.device import MIGRATION_P2P, MIGRATION_STOP_COPY, PciIdentity
 from mdevcore.virtio import spec
 from mdevcore.virtio.net.backend import FrameBackend
 from mdevcore.virtio.net.device import NetConfig, VirtioNetDevice
@@ -36,6 +41,8 @@ IFCVF_IDENTITY = PciIdentity(
 
 
 class IfcvfNetVf(VirtioNetDevice):
+    migration_flags = MIGRATION_STOP_COPY | MIGRATION_P2P
+
     def __init__(self, net: NetConfig, backend: FrameBackend, *, name: str = "ifcvf") -> None:
         try:
             super().__init__(IFCVF_IDENTITY, net, backend)

@@ -26,6 +26,7 @@ import trio
 from mdevcore.pci.device import PciIdentity
 from mdevcore.virtio import spec
 from mdevcore.virtio.chain import VirtqError, gather, scatter
+from mdevcore.virtio.net import state
 from mdevcore.virtio.net.backend import FrameBackend
 from mdevcore.virtio.net.control import NetControl, RxFilter
 from mdevcore.virtio.net.datapath import drain_tx, place_rx
@@ -110,12 +111,27 @@ class VirtioNetDevice(VirtioPciDevice):
             self._rx_room.set()  # background() may be parked on a full backlog
         self.config_changed()
 
+    def set_mac(self, mac: bytes) -> None:
+        """Host-side MAC (e.g. ip link set PF vf N mac): config and RX filter follow.
+
+        It also survives a device reset, unlike a MAC the driver set with
+        CTRL_MAC_ADDR_SET.
+        """
+        if len(mac) != 6:
+            raise ValueError("a MAC is 6 bytes")
+        self.net = dataclasses.replace(self.net, mac=mac)
+        self.control.filter.mac = mac
+        self.config_changed()
+
     def on_virtio_reset(self) -> None:
         self.control = NetControl(RxFilter(self.net.mac), self.net.max_pairs)
         self.rx_backlog.clear()
         self._rx_room.set()
 
     def on_driver_ok(self) -> None:
+        self.deliver_rx()
+
+    def on_resume(self) -> None:
         self.deliver_rx()
 
     # --- queues ----------------------------------------------------------------------
@@ -181,6 +197,8 @@ class VirtioNetDevice(VirtioPciDevice):
 
     def deliver_rx(self) -> None:
         """Move backlog frames into RX buffers while there are some."""
+        if not self.executing:
+            return  # stopped for migration: frames wait (on_resume delivers them)
         mergeable = self.has(spec.NET_F_MRG_RXBUF)
         notify: set[int] = set()
         while self.rx_backlog and self.driver_ok:
@@ -215,6 +233,14 @@ class VirtioNetDevice(VirtioPciDevice):
                 await self._rx_room.wait()
             frame = await self.backend.receive()
             self.receive(frame)
+
+    # --- migration (for a device type that sets migration_flags) --------------------
+
+    def save_state(self) -> bytes:
+        return state.save(self)
+
+    def load_state(self, data: bytes) -> None:
+        state.load(self, data)
 
     def on_close(self) -> None:
         self.backend.close()
