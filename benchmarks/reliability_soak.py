@@ -27,6 +27,7 @@ import errno
 import os
 import random
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -333,6 +334,10 @@ def main() -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     with tempfile.TemporaryDirectory(prefix="soak-") as d:
         report = soak(args.seconds, seed, Path(d))
+        if not report.ok:  # keep the daemon's log for the post-mortem
+            kept = Path(tempfile.gettempdir()) / f"soak-{seed}-mdevd.log"
+            shutil.copyfile(Path(d) / "mdevd.log", kept)
+            print(f"  daemon log kept at {kept}")
     show(report, seed)
     return 0 if report.ok else 1
 
