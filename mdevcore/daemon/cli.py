@@ -5,6 +5,7 @@ mdevd parents
 mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
+mdevd status [--run-dir DIR] [--json]
 mdevd lab ...
 """
 
@@ -75,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     d.add_argument("args", nargs=argparse.REMAINDER, help="e.g. dev param show")
 
+    st = sub.add_parser("status", help="the running daemon's devices: sockets, clients, errors")
+    st.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    st.add_argument("--json", action="store_true", help="as JSON objects")
+
     sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
     return p
 
@@ -111,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             from mdevcore.daemon.devlink import devlink_main
 
             return devlink_main(args.run_dir, args.args)
+        if args.command == "status":
+            from mdevcore.daemon.status import status_main
+
+            return status_main(args.run_dir, args.json)
     except OSError as e:
         print(f"mdevd: error: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 Startup order: parents (installed plug-ins, then --parent), the server manager,
 --persist restore, hosted parents (the pds card, mdevcore.daemon.hosts),
-the control socket <run-dir>/mdevd.ctl (``mdevd devlink``), the mirror
+the control socket <run-dir>/mdevd.ctl (``mdevd devlink``, ``mdevd status``), the mirror
 mount, then the banner ending in "mdevd: ready".  SIGTERM/SIGINT: stop
 following persistence (records stay), stop hosted parents, disconnect
 clients and stop servers (sockets unlinked), unmount, exit 0.
@@ -114,7 +114,7 @@ async def _serve(
                 restored = persist.restore()
                 persist.start()
                 log.info("persist: recreated %d device(s) from %s", restored, persist_dir)
-            view = MdevSysfs(core, socket_path=servers.socket_path)
+            view = MdevSysfs(core, socket_path=servers.socket_path, vfio_errors=servers.errors_text)
             # One PCI bus and its sysfs view for every hosted parent.
             bus = PciBus()
             pci_view = PciSysfs(bus, view.tree) if hosts else None
@@ -125,7 +125,8 @@ async def _serve(
                     started.append(host)
                 ctl = control_path(run_dir)
                 if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
-                    await nursery.start(ControlServer(ctl, devlink, settle).serve)
+                    control = ControlServer(ctl, devlink, settle, host_servers.status)
+                    await nursery.start(control.serve)
                 else:
                     log.warning("%s is too long for AF_UNIX: no control socket (devlink)", ctl)
                 async with mounted(view.tree, sysfs, settle=settle):
