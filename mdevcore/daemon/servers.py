@@ -184,7 +184,8 @@ class NamedServers:
             failed = self._served.get(entry.name) is entry
             if failed:
                 del self._served[entry.name]
-                self._failed[entry.name] = (entry, _reason(exc))
+                why = entry.server.status().get("failure") or _reason(exc)
+                self._failed[entry.name] = (entry, str(why))
                 while len(self._failed) > MAX_FAILED_KEPT:
                     del self._failed[next(iter(self._failed))]
         finally:

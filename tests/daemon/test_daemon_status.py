@@ -23,9 +23,7 @@ pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /d
 
 
 def mdevd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*MDEVD, *args], capture_output=True, text=True, check=False, timeout=60
-    )
+    return subprocess.run([*MDEVD, *args], capture_output=True, text=True, check=False, timeout=60)
 
 
 def flood() -> bytes:
