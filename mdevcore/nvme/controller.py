@@ -67,6 +67,7 @@ from mdevcore.nvme.spec import (
     generic,
     status_field,
 )
+from mdevcore.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class NvmeController:
         self.namespaces = list(namespaces)
         self.name = name
         self.clock = clock
+        # What a guest can make us log, throttled per kind (it can write a register in a loop).
+        self.limited_log = RateLimitedLog(log, clock=clock)
         self._irq_vectors = irq_vectors or (lambda: self.config.max_io_queues + 1)
         # True while interrupts are pin-based (INTx): CQ head updates then matter.
         self.level_irq = level_irq or (lambda: False)
@@ -250,7 +253,9 @@ class NvmeController:
         if touched(REG_ACQ, 8):
             self.acq = value(merged, REG_ACQ, 8) & ~0xFFF
         if touched(REG_NSSR) and value(merged, REG_NSSR) == NSSR_RESET_VALUE:
-            log.info("%s: NVM subsystem reset", self.name)
+            self.limited_log.log(
+                logging.INFO, self.name, "reset", "%s: NVM subsystem reset", self.name
+            )
             self.reset()
             self.csts |= CSTS_NSSRO
             return False
@@ -263,7 +268,9 @@ class NvmeController:
         if not old & CC_EN and new & CC_EN:
             self._enable()
         elif old & CC_EN and not new & CC_EN:
-            log.info("%s: controller reset (CC.EN 1->0)", self.name)
+            self.limited_log.log(
+                logging.INFO, self.name, "reset", "%s: controller reset (CC.EN 1->0)", self.name
+            )
             self._controller_reset()
         old_shn = old >> CC_SHN_SHIFT & CC_SHN_MASK
         new_shn = new >> CC_SHN_SHIFT & CC_SHN_MASK
@@ -287,7 +294,9 @@ class NvmeController:
         elif not self.asq or not self.acq:
             problem = "admin queue addresses not set"
         if problem:
-            log.warning("%s: enable failed: %s", self.name, problem)
+            self.limited_log.log(
+                logging.WARNING, self.name, "enable", "%s: enable failed: %s", self.name, problem
+            )
             self.csts |= CSTS_CFS
             return
         self.page_size = 4096 << mps
@@ -297,7 +306,10 @@ class NvmeController:
         self.cqs[0].sqids.add(0)
         self.last_keep_alive = self.clock()
         self.csts |= CSTS_RDY
-        log.info(
+        self.limited_log.log(
+            logging.INFO,
+            self.name,
+            "enable",
             "%s: enabled, admin SQ %d / CQ %d entries, page %d",
             self.name,
             asqs,
@@ -321,7 +333,9 @@ class NvmeController:
         for ns in self.namespaces:
             ns.flush()
         self.csts = self.csts & ~(0x3 << CSTS_SHST_SHIFT) | SHST_COMPLETE << CSTS_SHST_SHIFT
-        log.info("%s: shutdown complete", self.name)
+        self.limited_log.log(
+            logging.INFO, self.name, "shutdown", "%s: shutdown complete", self.name
+        )
 
     def reset(self) -> None:
         """Conventional reset (PCI function reset): every register to its power-on value."""
@@ -333,14 +347,28 @@ class NvmeController:
 
     def _doorbell_write(self, offset: int, data: bytes) -> bool:
         if offset % 4 or len(data) != 4 or offset >= DOORBELL_PAGE:
-            log.warning(
-                "%s: ignored doorbell write of %d bytes at %#x", self.name, len(data), offset
+            self.limited_log.log(
+                logging.WARNING,
+                self.name,
+                "bad doorbell write",
+                "%s: ignored doorbell write of %d bytes at %#x",
+                self.name,
+                len(data),
+                offset,
             )
             return False
         index = offset // 4
         qid, is_cq = divmod(index, 2)
         if not self.ready or qid not in (self.cqs if is_cq else self.sqs):
-            log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
+            self.limited_log.log(
+                logging.WARNING,
+                self.name,
+                "doorbell for missing queue",
+                "%s: doorbell for missing %s %d",
+                self.name,
+                "CQ" if is_cq else "SQ",
+                qid,
+            )
             if self.ready:
                 self.post_event(
                     AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_REGISTER, LogId.ERROR_INFO
@@ -377,7 +405,14 @@ class NvmeController:
                     continue
                 sq.tail = tail
         except NvmeError as exc:
-            log.error("%s: shadow doorbell page unreadable: %s", self.name, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "shadow doorbells",
+                "%s: shadow doorbell page unreadable: %s",
+                self.name,
+                exc,
+            )
             self.csts |= CSTS_CFS
 
     def _publish_event_indexes(self) -> None:
@@ -394,11 +429,27 @@ class NvmeController:
                 if cq.qid:
                     shadow.publish_cq(self.dma, cq, level_irq=level)
         except NvmeError as exc:
-            log.error("%s: EventIdx page unwritable: %s", self.name, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "shadow doorbells",
+                "%s: EventIdx page unwritable: %s",
+                self.name,
+                exc,
+            )
             self.csts |= CSTS_CFS
 
     def _invalid_doorbell_value(self, kind: str, qid: int, value: int) -> None:
-        log.warning("%s: invalid %s %d doorbell value %d", self.name, kind, qid, value)
+        self.limited_log.log(
+            logging.WARNING,
+            self.name,
+            "invalid doorbell value",
+            "%s: invalid %s %d doorbell value %d",
+            self.name,
+            kind,
+            qid,
+            value,
+        )
         self.post_event(AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_VALUE, LogId.ERROR_INFO)
 
     # --- processing -------------------------------------------------------
@@ -474,7 +525,15 @@ class NvmeController:
             cmd = sq.fetch(self.dma)
         except NvmeError as exc:
             # The SQ itself is unreadable: a fatal condition for this controller.
-            log.error("%s: cannot fetch from SQ %d: %s", self.name, sq.qid, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "queue DMA",
+                "%s: cannot fetch from SQ %d: %s",
+                self.name,
+                sq.qid,
+                exc,
+            )
             self.csts |= CSTS_CFS
             return
         status, dw0 = 0, 0
@@ -502,9 +561,17 @@ class NvmeController:
                 exc,
             )
             self.error_log.record(sq.qid, cmd.cid, status, nsid=cmd.nsid)
-        except Exception:
-            log.exception(
-                "%s: SQ %d cid %d opcode %#x crashed", self.name, sq.qid, cmd.cid, cmd.opcode
+        except Exception as exc:
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "command crashed",
+                "%s: SQ %d cid %d opcode %#x crashed",
+                self.name,
+                sq.qid,
+                cmd.cid,
+                cmd.opcode,
+                exc_info=exc,
             )
             status = status_field(StatusType.GENERIC, Generic.INTERNAL_ERROR)
             self.error_log.record(sq.qid, cmd.cid, status, nsid=cmd.nsid)
@@ -525,7 +592,15 @@ class NvmeController:
             post(self.dma)
         except NvmeError as exc:
             # The CQ itself is outside guest memory: nothing sensible remains.
-            log.error("%s: cannot post to CQ %d: %s", self.name, cq.qid, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "queue DMA",
+                "%s: cannot post to CQ %d: %s",
+                self.name,
+                cq.qid,
+                exc,
+            )
             self.csts |= CSTS_CFS
 
     def _signal_completions(self) -> None:
@@ -571,5 +646,7 @@ class NvmeController:
         self.irq.tick()
         deadline = self._keep_alive_deadline()
         if deadline is not None and self.clock() >= deadline and not self.csts & CSTS_CFS:
-            log.error("%s: keep-alive timeout expired", self.name)
+            self.limited_log.log(
+                logging.ERROR, self.name, "keep-alive", "%s: keep-alive timeout expired", self.name
+            )
             self.csts |= CSTS_CFS
