@@ -113,8 +113,8 @@ class Connection:
 
     ``name`` says which device and client in every log line; ``stats`` is
     the device's (shared by its successive connections), a private one if
-    not given.  ``handled`` counts the messages processed, ``backlog`` says
-    whether the last ``process`` stopped at its limit.
+    not given.  ``handled`` counts the messages processed, ``replies`` the
+    ones among them that were replies (to our DMA requests).
     """
 
     def __init__(
@@ -129,7 +129,8 @@ class Connection:
         self.name = name
         self.stats = stats if stats is not None else DeviceStats(name)
         self.handled = 0
-        self.backlog = False
+        self.replies = 0
+        self.stats.attach(self)
         self.max_data_xfer_size = max_data_xfer_size
         self.framer = wire.Framer(max_data_xfer_size + MSG_SIZE_SLACK)
         self.negotiated = False
@@ -153,18 +154,16 @@ class Connection:
     def process(self, limit: int = 0) -> list[DmaResult]:
         """Handle the whole messages buffered, at most ``limit`` (0: all).
 
-        Returns the DMA replies seen.  ``backlog`` is then true if the limit
-        was reached (whole messages may be left: call again).
+        Returns the DMA replies seen.  If ``limit`` messages were handled
+        (``handled`` grew by ``limit``), whole messages may be left: call again.
         """
         results: list[DmaResult] = []
         framer = self.framer
         budget = limit or 1 << 62
-        handled = requests = 0
-        while not self.closed and handled < budget:
+        handled = 0
+        while handled < budget and not self.closed:
             if self.negotiated and not framer.holds_fds:
-                fast = self._fast_region_accesses(budget - handled)
-                handled += fast
-                requests += fast
+                handled += self._fast_region_accesses(budget - handled)
                 if handled >= budget:
                     break
             try:
@@ -177,18 +176,16 @@ class Connection:
             handled += 1
             try:
                 if msg.flags & FLAG_TYPE_MASK == FLAG_REPLY:
+                    self.replies += 1
                     result = self._on_reply(msg)
                     if result is not None:
                         results.append(result)
                 else:
-                    requests += 1
                     self._on_request(msg)
             finally:
                 if msg.fds:
                     wire.close_fds(msg.fds)
         self.handled += handled
-        self.stats.requests += requests
-        self.backlog = handled >= budget and not self.closed
         return results
 
     def _fast_region_accesses(self, budget: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import Protocol
 
 from mdevcore.ratelimit import RateLimitedLog
 from mdevcore.vfio_user.constants import Command
@@ -36,11 +37,20 @@ def failure_kind(errno_value: int, command: int) -> str:
     return f"{name} {_COMMAND_NAMES.get(command, 'UNKNOWN')}"
 
 
+class Counted(Protocol):
+    """A connection's counters (mdevcore.vfio_user.engine.Connection)."""
+
+    handled: int  # messages
+    replies: int  # of which replies to our requests
+
+
 class DeviceStats:
     """Counters of one device's server, and its rate-limited error log.
 
     ``requests`` counts every request handled (answered, failed or posted)
-    since the server started; ``clients`` the connections accepted.
+    since the server started; ``clients`` the connections accepted.  Live
+    connections are read when asked (``attach``/``detach``), so the hot
+    path counts nothing for us.
     """
 
     def __init__(
@@ -52,11 +62,26 @@ class DeviceStats:
         interval: float = LOG_INTERVAL,
     ) -> None:
         self.name = name
-        self.requests = 0
         self.clients = 0
+        self._requests_done = 0  # by detached connections
+        self._live: list[Counted] = []
         self._errors = RateLimitedLog(logger, burst=burst, interval=interval)
         # Connection lifecycle lines: throttled alike, not counted as errors.
         self._events = RateLimitedLog(logger, burst=burst, interval=interval)
+
+    def attach(self, conn: Counted) -> None:
+        self._live.append(conn)
+
+    def detach(self, conn: Counted) -> None:
+        """The connection ended: keep its count, drop the connection."""
+        if conn in self._live:
+            self._live.remove(conn)
+            self._requests_done += conn.handled - conn.replies
+
+    @property
+    def requests(self) -> int:
+        live = sum(c.handled - c.replies for c in self._live)
+        return self._requests_done + live
 
     def error(
         self,
