@@ -208,7 +208,7 @@ def main() -> None:
         print(
             f"{str(tree)[-20:]:<20}{r['idle_med']:>9.1f}{r['idle_p99']:>9.1f}"
             f"{r['flood_med']:>10.1f}{r['flood_p99']:>10.1f}{r['flood_reads']:>8}"
-            f"{r['after_med']:>10.1f}{r['flood_rate']:>12,.0f}{r['log_per_m'] / 2**20:>9.1f} MiB"
+            f"{r['after_med']:>10.1f}{r['flood_rate']:>12,.0f}{r['log_per_m'] / 1024:>9,.0f} KiB"
         )
     print("(round trips in us; flood n: round trips done during the flood; after: idle again)")
 
