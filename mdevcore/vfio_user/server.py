@@ -66,8 +66,9 @@ _CMSG_SPACE = socket.CMSG_SPACE(4 * SERVER_MAX_MSG_FDS * 8)
 # Off by default: on this 2-core VM, shared with QEMU and other devices, it
 # helped some runs and hurt others (benchmarks/vfio_user_rtt.py, "spin 20").
 DEFAULT_SPIN_US = 0.0
-# One turn of a reader between checkpoints.  32 bad requests take ~100 us
-# here: what another device's round trip may wait for behind a flood.
+# One turn of a reader between checkpoints: what another device's request
+# may wait for behind a flood.  32 bad requests take ~250 us on this 2-core
+# VM (8 us each); a client posting good writes pays one checkpoint per 32.
 TURN_MESSAGES = 32
 TURN_BYTES = _RECV_SIZE
 # accept() errors that say "not now" (out of fds or memory): retried, the
