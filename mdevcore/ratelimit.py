@@ -43,8 +43,20 @@ class RateLimitedLog:
         self.counts: collections.Counter[tuple[Hashable, str]] = collections.Counter()
         self._kinds: dict[tuple[Hashable, str], _Kind] = {}
 
-    def log(self, level: int, source: Hashable, kind: str, msg: str, *args: object) -> None:
-        """Count one occurrence and log it unless its (source, kind) is throttled."""
+    def log(
+        self,
+        level: int,
+        source: Hashable,
+        kind: str,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | bool | None = None,
+    ) -> None:
+        """Count one occurrence and log it unless its (source, kind) is throttled.
+
+        ``exc_info`` is passed on to the logger with the records that are logged
+        (a traceback per occurrence is what floods fastest).
+        """
         key = (source, kind)
         self.counts[key] += 1
         state = self._kinds.get(key)
@@ -66,9 +78,30 @@ class RateLimitedLog:
             state.logged, state.suppressed, state.window_start = 0, 0, now
         if state.logged < self.burst:
             state.logged += 1
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, exc_info=exc_info)
         else:
             state.suppressed += 1
+
+    def flush(self, source: Hashable, level: int = logging.INFO) -> None:
+        """Log what is suppressed for ``source`` now (e.g. when its client leaves).
+
+        Without it, the last window of a flood that stopped would never be
+        summarised.  Throttling goes on as before: only the suppressed count
+        restarts, so nothing is summarised twice.
+        """
+        now = self.clock()
+        for (src, kind), state in self._kinds.items():
+            if src != source or not state.suppressed:
+                continue
+            self.logger.log(
+                level,
+                "%s: %s: %d more suppressed in the last %.0f s",
+                source,
+                kind,
+                state.suppressed,
+                now - state.window_start,
+            )
+            state.suppressed = 0
 
     def total(self, source: Hashable) -> dict[str, int]:
         """Every kind counted for ``source`` (for sysfs attributes and status)."""

@@ -8,8 +8,9 @@
     vfio-user-cli SOCKET reset
     vfio-user-cli SOCKET config
 
-Numbers accept 0x prefixes.  Errors print the errno the server returned
-and exit 1.
+Numbers accept 0x prefixes.  Exit status: 0 when done, 1 on any error
+(bad arguments, a socket that cannot be reached, a request the server
+refused: its errno is printed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from mdevcore.vfio_user.backend import (
     DEVICE_FLAGS_PCI,
@@ -155,9 +157,20 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
+EXIT_STATUS = "exit status: 0 done, 1 error (bad arguments, socket unreachable, request refused)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments exit 1, as every other error does (argparse's own is 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vfio-user-cli", description="Talk to a vfio-user device socket."
+    p = _Parser(
+        prog="vfio-user-cli", description="Talk to a vfio-user device socket.", epilog=EXIT_STATUS
     )
     p.add_argument("socket", help="path of the device's UNIX socket")
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,15 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or bad arguments (1)
+        return e.code if isinstance(e.code, int) else 1
     try:
         with Client(args.socket, timeout=10.0) as client:
             client.negotiate()
             args.fn(client, args)
-    except ValueError as e:
-        print(f"vfio-user-cli: {e}", file=sys.stderr)
-        return 2
-    except (OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError) as e:  # ValueError: e.g. HEX that is not hex
         print(f"vfio-user-cli: {e}", file=sys.stderr)
         return 1
     return 0

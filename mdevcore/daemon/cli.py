@@ -9,6 +9,7 @@ mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
 mdevd devlink [--run-dir DIR] dev param {set|show} ...
 mdevd ip [--run-dir DIR] link {set|show} ...
 mdevd migrate [send|receive] ...
+mdevd status [--run-dir DIR] [--json]
 mdevd lab ...
 """
 
@@ -107,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     i.add_argument("args", nargs=argparse.REMAINDER, help="e.g. link set ifcvf0 vf 0 state disable")
 
+    st = sub.add_parser("status", help="the running daemon's devices: sockets, clients, errors")
+    st.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    st.add_argument("--json", action="store_true", help="as JSON objects")
+
     sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
     sub.add_parser("migrate", help="live-migrate a device (mdevcore.migration.cli)", add_help=False)
     return p
@@ -152,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             from mdevcore.daemon.iplink import ip_main
 
             return ip_main(args.run_dir, args.args)
+        if args.command == "status":
+            from mdevcore.daemon.status import status_main
+
+            return status_main(args.run_dir, args.json)
     except OSError as e:
         print(f"mdevd: error: {e.strerror or e}", file=sys.stderr)
         return 1

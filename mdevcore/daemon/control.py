@@ -1,8 +1,10 @@
 """mdevd's control socket: JSON lines on ``<run-dir>/mdevd.ctl``.
 
-One request per line, one reply per line.  The commands are
+One request per line, one reply per line.  Commands:
 ``{"cmd": "devlink", "argv": [...]}`` answered by ``{"rc", "out", "err"}``
-(see ``mdevcore.daemon.devlink``), and ``"cmd": "ip"`` (``mdevcore.daemon.iplink``).
+(see ``mdevcore.daemon.devlink``), ``"cmd": "ip"`` the same way
+(``mdevcore.daemon.iplink``), and ``{"cmd": "status"}`` answered by
+``{"rc": 0, "devices": [...]}`` (see ``mdevcore.daemon.status``).
 Requests run on the daemon's trio
 thread, so they see and change the same state as sysfs writes; after a
 request that changed something, ``settle`` is awaited before the reply,
@@ -30,16 +32,23 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
 Settle = Callable[[], Awaitable[None]]
+Status = Callable[[], list[dict[str, object]]]
 
 
 def handle_request(
-    registry: DevlinkRegistry, line: bytes, netdevs: NetdevRegistry | None = None
+    registry: DevlinkRegistry,
+    line: bytes,
+    netdevs: NetdevRegistry | None = None,
+    *,
+    status: Status | None = None,
 ) -> dict[str, Any]:
     """One request line -> the reply object (never raises for bad input)."""
     try:
         request = json.loads(line)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         return {"rc": 1, "out": "", "err": f"mdevd: malformed request: {e}\n"}
+    if isinstance(request, dict) and request.get("cmd") == "status" and status is not None:
+        return {"rc": 0, "out": "", "err": "", "devices": status()}
     if not isinstance(request, dict) or request.get("cmd") not in ("devlink", "ip"):
         return {"rc": 1, "out": "", "err": "mdevd: unknown control command\n"}
     argv = request.get("argv")
@@ -65,11 +74,14 @@ class ControlServer:
         registry: DevlinkRegistry,
         settle: Settle,
         netdevs: NetdevRegistry | None = None,
+        *,
+        status: Status | None = None,
     ) -> None:
         self.path = path
         self.netdevs = netdevs
         self.registry = registry
         self.settle = settle
+        self.status = status
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; the socket file is removed on the way out."""
@@ -96,7 +108,7 @@ class ControlServer:
                             log.warning("control: request over %d bytes; closing", MAX_REQUEST)
                             return
                     line, buf = buf.split(b"\n", 1)
-                    reply = handle_request(self.registry, line, self.netdevs)
+                    reply = handle_request(self.registry, line, self.netdevs, status=self.status)
                     await self.settle()
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -5,7 +5,8 @@ Startup order: parents (installed plug-ins, then --parent), the server manager,
 mdevcore.daemon.hosts) and the --persist restore of their PCI state
 (SR-IOV, bindings, devlink: mdevcore.daemon.pci_persist), the devices
 mdevctl defined with --auto (mdevcore.daemon.autostart), the control socket
-<run-dir>/mdevd.ctl (``mdevd devlink``, ``mdevd ip``), the mirror mount, then the banner
+<run-dir>/mdevd.ctl (``mdevd devlink``, ``mdevd ip``,
+``mdevd status``), the mirror mount, then the banner
 ending in "mdevd: ready" and, under systemd, READY=1 to $NOTIFY_SOCKET.
 SIGTERM/SIGINT: STOPPING=1, stop following persistence (records stay),
 stop hosted parents, disconnect clients and stop servers (sockets
@@ -145,7 +146,7 @@ async def _serve(
                 restored = persist.restore()
                 persist.start()
                 log.info("persist: recreated %d device(s) from %s", restored, persist_dir)
-            view = MdevSysfs(core, socket_path=servers.socket_path)
+            view = MdevSysfs(core, socket_path=servers.socket_path, vfio_errors=servers.errors_text)
             # One PCI bus and its sysfs view for every hosted parent.
             bus = PciBus()
             pci_view = PciSysfs(bus, view.tree) if hosts else None
@@ -166,7 +167,10 @@ async def _serve(
                     autostart.start()
                 ctl = control_path(run_dir)
                 if len(os.fsencode(ctl)) <= UNIX_PATH_MAX:
-                    await nursery.start(ControlServer(ctl, devlink, settle, netdevs).serve)
+                    control = ControlServer(
+                        ctl, devlink, settle, netdevs, status=host_servers.status
+                    )
+                    await nursery.start(control.serve)
                 else:
                     log.warning("%s is too long for AF_UNIX: no control socket (devlink)", ctl)
                 async with mounted(view.tree, sysfs, settle=settle):

@@ -11,6 +11,12 @@ returns: the socket exists (or is gone) when ``echo ... > create`` ends.
 :class:`ServerManager` serves every mdev of the core for as long as it
 exists, named by its UUID; hosted parents (a PF's VFs) use NamedServers
 directly, named by BDF.
+
+Operators read the servers through :meth:`NamedServers.status` (``mdevd
+status``) and :meth:`NamedServers.errors_text` (``vfio_user/errors``); a
+server that died on its own stays listed as failed, with its reason and
+counters, until its name is served again (an mdev whose server died is
+removed, so the list is where an operator learns why).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from mdevcore.vfio_user.backend import DeviceBackend
 log = logging.getLogger(__name__)
 
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the terminating NUL
+MAX_FAILED_KEPT = 64  # failed servers status remembers (the oldest go first)
 
 
 class Server(Protocol):
@@ -43,6 +50,10 @@ class Server(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    def errors_text(self) -> str: ...
 
 
 # (backend, socket path, label for logs, mdev parent name or None) -> server
@@ -130,6 +141,7 @@ class NamedServers:
         self._served: dict[str, _Served] = {}
         self._stopping: dict[str, _Served] = {}
         self._pending: set[trio.Event] = set()
+        self._failed: dict[str, tuple[_Served, str]] = {}  # name -> (entry, why)
 
     def socket_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.sock"
@@ -147,6 +159,30 @@ class NamedServers:
         entry = self._served.get(name)
         return entry is not None and entry.server.connected
 
+    def errors_text(self, name: str) -> str:
+        """The ``vfio_user/errors`` attribute of ``name`` (counts kept after a failure)."""
+        entry = self._served.get(name)
+        if entry is None and name in self._failed:
+            entry = self._failed[name][0]
+        return entry.server.errors_text() if entry is not None else "total 0\n"
+
+    def status(self) -> list[dict[str, object]]:
+        """Every server, serving or failed, for ``mdevd status`` (JSON-ready)."""
+        out = []
+        for entry in self._served.values():
+            state = "serving" if entry.ready.is_set() else "starting"
+            out.append(self._describe(entry, state))
+        for entry, why in self._failed.values():
+            out.append(self._describe(entry, f"failed: {why}"))
+        return sorted(out, key=lambda d: str(d["name"]))
+
+    @staticmethod
+    def _describe(entry: _Served, state: str) -> dict[str, object]:
+        info: dict[str, object] = {"name": entry.name, "label": entry.label, "state": state}
+        info.update(entry.server.status())
+        info["socket"] = str(entry.path)
+        return info
+
     def serve(
         self,
         name: str,
@@ -162,6 +198,7 @@ class NamedServers:
         if name in self._served:
             raise OSError(errno.EBUSY, f"{name} is already served")
         path = self.check(name)
+        self._failed.pop(name, None)
         label = label or name
         server = self._factory(backend, path, label, parent)
         entry = _Served(name=name, label=label, server=server, path=path)
@@ -195,11 +232,15 @@ class NamedServers:
                     await nursery.start(entry.server.serve)
                     self._done(entry.ready)
                     log.info("%s: serving vfio-user at %s", entry.label, entry.path)
-        except Exception:
+        except Exception as exc:
             log.exception("%s: vfio-user server failed", entry.label)
             failed = self._served.get(entry.name) is entry
             if failed:
                 del self._served[entry.name]
+                why = entry.server.status().get("failure") or _reason(exc)
+                self._failed[entry.name] = (entry, str(why))
+                while len(self._failed) > MAX_FAILED_KEPT:
+                    del self._failed[next(iter(self._failed))]
         finally:
             if self._stopping.get(entry.name) is entry:
                 del self._stopping[entry.name]
@@ -232,6 +273,13 @@ class NamedServers:
         await self.settle()
 
 
+def _reason(exc: BaseException) -> str:
+    """What status says of a failed server: the OSError inside a nursery's group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
 class ServerManager:
     """Serves every device of ``core`` for as long as it exists, at <run-dir>/<uuid>.sock.
 
@@ -258,6 +306,9 @@ class ServerManager:
     def socket_path(self, dev_uuid: uuid.UUID) -> Path:
         return self.servers.socket_path(str(dev_uuid))
 
+    def errors_text(self, dev_uuid: uuid.UUID) -> str:
+        return self.servers.errors_text(str(dev_uuid))
+
     def _on_event(self, event: MdevEvent) -> None:
         if isinstance(event, DeviceAdded):
             device = event.device
@@ -274,7 +325,11 @@ class ServerManager:
     def _unserved(self, name: str) -> None:
         """A device whose server died is removed: no device without a socket."""
         try:
-            self.core.remove(uuid.UUID(name))
+            dev_uuid = uuid.UUID(name)
+        except ValueError:
+            return  # a hosted parent's device (a VF, by BDF): its driver keeps it
+        try:
+            self.core.remove(dev_uuid)
         except OSError as e:
             log.error("mdev %s: cannot remove the unserved device: %s", name, e)
 

@@ -69,6 +69,7 @@ from mdevcore.nvme.spec import (
     generic,
     status_field,
 )
+from mdevcore.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class NvmeController:
         self.namespaces = list(namespaces)
         self.name = name
         self.clock = clock
+        # What a guest can make us log, throttled per kind (it can write a register in a loop).
+        self.limited_log = RateLimitedLog(log, clock=clock)
         self._irq_vectors = irq_vectors or (lambda: self.config.max_io_queues + 1)
         # True while interrupts are pin-based (INTx): CQ head updates then matter.
         self.level_irq = level_irq or (lambda: False)
@@ -258,7 +261,10 @@ class NvmeController:
         if offset >= DOORBELL_BASE:
             return self._doorbell_write(offset - DOORBELL_BASE, data)
         if not _native_access(offset, len(data)):
-            log.debug("%s: ignored register write of %d bytes at %#x", self.name, len(data), offset)
+            self.limited_log.log(
+                logging.DEBUG, self.name, "bad register write",
+                "%s: ignored register write of %d bytes at %#x", self.name, len(data), offset,
+            )  # fmt: skip
             return False
         for dword in range(0, len(data), 4):
             value = int.from_bytes(data[dword : dword + 4], "little")
@@ -281,7 +287,9 @@ class NvmeController:
                 self.csts &= ~CSTS_NSSRO
         elif reg == REG_NSSR:
             if value == NSSR_RESET_VALUE:
-                log.info("%s: NVM subsystem reset", self.name)
+                self.limited_log.log(
+                    logging.INFO, self.name, "reset", "%s: NVM subsystem reset", self.name
+                )
                 self.reset()
                 self.csts |= CSTS_NSSRO
                 return True
@@ -304,7 +312,9 @@ class NvmeController:
         if not old & CC_EN and new & CC_EN:
             self._enable()
         elif old & CC_EN and not new & CC_EN:
-            log.info("%s: controller reset (CC.EN 1->0)", self.name)
+            self.limited_log.log(
+                logging.INFO, self.name, "reset", "%s: controller reset (CC.EN 1->0)", self.name
+            )
             self._controller_reset()
         old_shn = old >> CC_SHN_SHIFT & CC_SHN_MASK
         new_shn = new >> CC_SHN_SHIFT & CC_SHN_MASK
@@ -328,7 +338,9 @@ class NvmeController:
         elif not self.asq or not self.acq:
             problem = "admin queue addresses not set"
         if problem:
-            log.warning("%s: enable failed: %s", self.name, problem)
+            self.limited_log.log(
+                logging.WARNING, self.name, "enable", "%s: enable failed: %s", self.name, problem
+            )
             self.csts |= CSTS_CFS
             return
         self.page_size = 4096 << mps
@@ -338,7 +350,10 @@ class NvmeController:
         self.cqs[0].sqids.add(0)
         self.last_keep_alive = self.clock()
         self.csts |= CSTS_RDY
-        log.info(
+        self.limited_log.log(
+            logging.INFO,
+            self.name,
+            "enable",
             "%s: enabled, admin SQ %d / CQ %d entries, page %d",
             self.name,
             asqs,
@@ -362,7 +377,9 @@ class NvmeController:
         for ns in self.namespaces:
             ns.flush()
         self.csts = self.csts & ~(0x3 << CSTS_SHST_SHIFT) | SHST_COMPLETE << CSTS_SHST_SHIFT
-        log.info("%s: shutdown complete", self.name)
+        self.limited_log.log(
+            logging.INFO, self.name, "shutdown", "%s: shutdown complete", self.name
+        )
 
     def reset(self) -> None:
         """Conventional reset (PCI function reset): every register to its power-on value."""
@@ -383,16 +400,20 @@ class NvmeController:
         undefined and ignored.
         """
         if offset % 4 or len(data) != 4:
-            log.warning(
-                "%s: ignored doorbell write of %d bytes at %#x", self.name, len(data), offset
-            )
+            self.limited_log.log(
+                logging.WARNING, self.name, "bad doorbell write",
+                "%s: ignored doorbell write of %d bytes at %#x", self.name, len(data), offset,
+            )  # fmt: skip
             return False
         index = offset // 4
         qid, is_cq = divmod(index, 2)
         # Queues exist only while ready (a reset deletes them), and never
         # beyond the doorbell page: such a qid is not in the dicts.
         if qid not in (self.cqs if is_cq else self.sqs):
-            log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
+            self.limited_log.log(
+                logging.WARNING, self.name, "doorbell for missing queue",
+                "%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid,
+            )  # fmt: skip
             if self.ready:
                 self.post_event(
                     AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_REGISTER, LogId.ERROR_INFO
@@ -422,7 +443,10 @@ class NvmeController:
         for index in found:
             db[index] = 0
             qid, is_cq = divmod(index, 2)
-            log.warning("%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid)
+            self.limited_log.log(
+                logging.WARNING, self.name, "doorbell for missing queue",
+                "%s: doorbell for missing %s %d", self.name, "CQ" if is_cq else "SQ", qid,
+            )  # fmt: skip
         if found:
             self.post_event(
                 AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_REGISTER, LogId.ERROR_INFO
@@ -460,7 +484,14 @@ class NvmeController:
                     continue
                 sq.tail = tail
         except NvmeError as exc:
-            log.error("%s: shadow doorbell page unreadable: %s", self.name, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "shadow doorbells",
+                "%s: shadow doorbell page unreadable: %s",
+                self.name,
+                exc,
+            )
             self.csts |= CSTS_CFS
 
     def _publish_event_indexes(self) -> None:
@@ -477,11 +508,27 @@ class NvmeController:
                 if cq.qid:
                     shadow.publish_cq(self.dma, cq, level_irq=level)
         except NvmeError as exc:
-            log.error("%s: EventIdx page unwritable: %s", self.name, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "shadow doorbells",
+                "%s: EventIdx page unwritable: %s",
+                self.name,
+                exc,
+            )
             self.csts |= CSTS_CFS
 
     def _invalid_doorbell_value(self, kind: str, qid: int, value: int) -> None:
-        log.warning("%s: invalid %s %d doorbell value %d", self.name, kind, qid, value)
+        self.limited_log.log(
+            logging.WARNING,
+            self.name,
+            "invalid doorbell value",
+            "%s: invalid %s %d doorbell value %d",
+            self.name,
+            kind,
+            qid,
+            value,
+        )
         self.post_event(AsyncEventType.ERROR, AER_INFO_INVALID_DOORBELL_VALUE, LogId.ERROR_INFO)
 
     # --- processing -------------------------------------------------------
@@ -559,7 +606,15 @@ class NvmeController:
             cmd = sq.fetch(self.dma)
         except NvmeError as exc:
             # The SQ itself is unreadable: a fatal condition for this controller.
-            log.error("%s: cannot fetch from SQ %d: %s", self.name, sq.qid, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "queue DMA",
+                "%s: cannot fetch from SQ %d: %s",
+                self.name,
+                sq.qid,
+                exc,
+            )
             self.csts |= CSTS_CFS
             return
         status, dw0 = 0, 0
@@ -587,9 +642,17 @@ class NvmeController:
                 exc,
             )
             self.error_log.record(sq.qid, cmd.cid, status, nsid=cmd.nsid)
-        except Exception:
-            log.exception(
-                "%s: SQ %d cid %d opcode %#x crashed", self.name, sq.qid, cmd.cid, cmd.opcode
+        except Exception as exc:
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "command crashed",
+                "%s: SQ %d cid %d opcode %#x crashed",
+                self.name,
+                sq.qid,
+                cmd.cid,
+                cmd.opcode,
+                exc_info=exc,
             )
             status = status_field(StatusType.GENERIC, Generic.INTERNAL_ERROR)
             self.error_log.record(sq.qid, cmd.cid, status, nsid=cmd.nsid)
@@ -610,7 +673,15 @@ class NvmeController:
             post(self.dma)
         except NvmeError as exc:
             # The CQ itself is outside guest memory: nothing sensible remains.
-            log.error("%s: cannot post to CQ %d: %s", self.name, cq.qid, exc)
+            self.limited_log.log(
+                logging.ERROR,
+                self.name,
+                "queue DMA",
+                "%s: cannot post to CQ %d: %s",
+                self.name,
+                cq.qid,
+                exc,
+            )
             self.csts |= CSTS_CFS
 
     def _signal_completions(self) -> None:
@@ -656,5 +727,7 @@ class NvmeController:
         self.irq.tick()
         deadline = self._keep_alive_deadline()
         if deadline is not None and self.clock() >= deadline and not self.csts & CSTS_CFS:
-            log.error("%s: keep-alive timeout expired", self.name)
+            self.limited_log.log(
+                logging.ERROR, self.name, "keep-alive", "%s: keep-alive timeout expired", self.name
+            )
             self.csts |= CSTS_CFS

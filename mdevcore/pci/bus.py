@@ -219,8 +219,11 @@ class PciDriver:
         """Enable ``num_vfs`` VFs (0: disable); return how many were enabled."""
         raise OSError(errno.ENOENT, f"{self.name} cannot configure SR-IOV")
 
-    def device_attributes(self, fn: PciFunction) -> Mapping[str, str]:
-        """Read-only attributes the driver adds to a bound device's directory."""
+    def device_attributes(self, fn: PciFunction) -> Mapping[str, str | Callable[[], str]]:
+        """Read-only attributes the driver adds to a bound device's directory.
+
+        A value is the text, or a function giving it each time it is read.
+        """
         return {}
 
     def match(self, fn: PciFunction) -> bool:

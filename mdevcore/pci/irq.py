@@ -47,13 +47,18 @@ class IrqIndex:
         return self.assigned > 0
 
     def assign(self, vector: int, fd: int | None) -> None:
-        old = self.fds[vector]
+        """Keep a dup of ``fd`` for ``vector`` (None: no eventfd), closing the old one.
+
+        The dup comes first: if it fails (EMFILE), the vector keeps its eventfd.
+        """
+        self.install(vector, os.dup(fd) if fd is not None else None)
+
+    def install(self, vector: int, owned: int | None) -> None:
+        """Put ``owned`` (an fd that is now ours, or None) in ``vector``; close the old one."""
+        old, self.fds[vector] = self.fds[vector], owned
+        self.assigned += (owned is not None) - (old is not None)
         if old is not None:
             os.close(old)
-            self.assigned -= 1
-        self.fds[vector] = os.dup(fd) if fd is not None else None
-        if fd is not None:
-            self.assigned += 1
 
     def close_all(self) -> None:
         for vector in range(self.count):
@@ -75,6 +80,19 @@ class IrqIndex:
             )
             return False
         return True
+
+
+def _dup_all(fds: Sequence[int]) -> list[int]:
+    """Our own copies of ``fds``, all or none (the ones made are closed on failure)."""
+    owned: list[int] = []
+    try:
+        for fd in fds:
+            owned.append(os.dup(fd))
+    except OSError:
+        for fd in owned:
+            os.close(fd)
+        raise
+    return owned
 
 
 class IrqController:
@@ -165,9 +183,10 @@ class IrqController:
                 os.fstat(fd)
             except OSError as exc:
                 raise OSError(errno.EBADF, f"{irq.name}: bad fd") from exc
+        owned = _dup_all(fds)  # EMFILE here changes nothing
         for i in range(count):
             vector = start + i
-            irq.assign(vector, fds[i] if fds else None)
+            irq.install(vector, owned[i] if owned else None)
             if irq.index == vfio.PCI_INTX_IRQ_INDEX:
                 # A fresh INTx setup starts unmasked with nothing latched.
                 irq.masked[vector] = False

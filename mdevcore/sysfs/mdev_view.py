@@ -5,7 +5,7 @@
     <parent location>/mdev_supported_types/<type>/{create,name,available_instances,
                                                    device_api,description,devices/}
     <parent location>/<uuid>/{remove,mdev_type,uevent,driver,subsystem,<driver attrs>,
-                              vfio_user/{socket,qemu_device}}
+                              vfio_user/{socket,qemu_device,errors}}
     class/mdev_bus/<parent>   -> <parent location>
     bus/mdev/devices/<uuid>   -> <parent location>/<uuid>
     bus/mdev/drivers/<driver>/<uuid> -> the device
@@ -40,6 +40,7 @@ from mdevcore.sysfs.tree import Dir, Node, SysfsTree
 log = logging.getLogger(__name__)
 
 SocketPath = Callable[[uuid.UUID], Path]
+VfioErrors = Callable[[uuid.UUID], str]  # the vfio_user/errors text of a device
 
 # What a write to a "uevent" attribute may say (kobject_action_type).
 _UEVENT_ACTIONS = frozenset(
@@ -90,15 +91,22 @@ class MdevSysfs:
     """Builds and maintains the mdev part of a :class:`SysfsTree`.
 
     ``socket_path`` (optional) maps a device UUID to its vfio-user socket;
-    with it each device dir gets ``vfio_user/{socket,qemu_device}``.
+    with it each device dir gets ``vfio_user/{socket,qemu_device}``, and
+    ``vfio_user/errors`` (error counts by kind, then ``total N``) if
+    ``vfio_errors`` gives them.
     """
 
     def __init__(
-        self, core: MdevCore, tree: SysfsTree | None = None, socket_path: SocketPath | None = None
+        self,
+        core: MdevCore,
+        tree: SysfsTree | None = None,
+        socket_path: SocketPath | None = None,
+        vfio_errors: VfioErrors | None = None,
     ) -> None:
         self.core = core
         self.tree = tree or SysfsTree()
         self.socket_path = socket_path
+        self.vfio_errors = vfio_errors
         for skeleton in ("devices/virtual", "class/mdev_bus", "bus/mdev/devices"):
             self.tree.mkdir(skeleton, keep=True)
         self._drivers_dir = self.tree.mkdir("bus/mdev/drivers", keep=True)
@@ -214,6 +222,10 @@ class MdevSysfs:
             vdir = t.mkdir(f"{dev_path}/vfio_user", volatile=True)
             t.add_attr(vdir, "socket", lambda: f"{sock}\n", volatile=True)
             t.add_attr(vdir, "qemu_device", lambda: f"{qemu_device_arg(sock)}\n", volatile=True)
+            errors = self.vfio_errors
+            if errors is not None:
+                dev_uuid = device.uuid
+                t.add_attr(vdir, "errors", lambda: errors(dev_uuid), volatile=True)
         # links pointing at the device
         tdevs = self._dir(f"{type_path}/devices")
         t.add_link(tdevs, name, relative_link(f"{type_path}/devices", dev_path), volatile=True)

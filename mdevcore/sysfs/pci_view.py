@@ -261,7 +261,8 @@ class PciSysfs:
                 log.warning("%s: ignoring bad attribute path %r", fn.name, rel)
                 continue
             holder = t.mkdir(f"{path}/{'/'.join(parts[:-1])}", volatile=True) if parts[:-1] else d
-            t.add_attr(holder, parts[-1], _constant(value), volatile=True)
+            show = value if callable(value) else _constant(value)  # callables: read each time
+            t.add_attr(holder, parts[-1], show, volatile=True)
             added.append(parts[0])
         self._driver_attrs[fn.name] = added
 

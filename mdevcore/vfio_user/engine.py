@@ -14,6 +14,12 @@ which raises OSError(errno).  Nothing raised by a backend escapes: an
 OSError becomes its errno, anything else is logged and answered EIO.
 A message that cannot be framed (msg_size < 16 or too big) or a failed
 VERSION negotiation ends the connection (``closed`` becomes true).
+
+Everything a client can provoke is counted and logged through the
+device's :class:`~mdevcore.vfio_user.stats.DeviceStats` (rate-limited),
+never straight to the logger: a flood of bad requests costs counters, not
+disk.  ``process(limit)`` handles at most ``limit`` messages, so the
+server can let other devices run between turns.
 """
 
 from __future__ import annotations
@@ -57,10 +63,9 @@ from mdevcore.vfio_user.negotiate import (
     parse_version_json,
     server_caps_json,
 )
+from mdevcore.vfio_user.stats import DeviceStats, failure_kind
 from mdevcore.vfio_user.validate import check_device_feature, check_set_irqs
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS, RawMessage
-
-log = logging.getLogger(__name__)
 
 _DMA_MAP_KNOWN = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE | DMA_MAP_FLAG_MMAP | DMA_MAP_FLAG_FILE_IO
 
@@ -106,7 +111,10 @@ _Handler = Callable[["Connection", RawMessage], tuple[bytes, Sequence[int]]]
 class Connection:
     """One client connection's protocol state (sans-IO).
 
-    ``name`` says which device and client in every log line.
+    ``name`` says which device and client in every log line; ``stats`` is
+    the device's (shared by its successive connections), a private one if
+    not given.  ``handled`` counts the messages processed, ``replies`` the
+    ones among them that were replies (to our DMA requests).
     """
 
     def __init__(
@@ -115,9 +123,14 @@ class Connection:
         *,
         name: str = "vfio-user",
         max_data_xfer_size: int = SERVER_MAX_DATA_XFER_SIZE,
+        stats: DeviceStats | None = None,
     ) -> None:
         self.backend = backend
         self.name = name
+        self.stats = stats if stats is not None else DeviceStats(name)
+        self.handled = 0
+        self.replies = 0
+        self.stats.attach(self)
         self.max_data_xfer_size = max_data_xfer_size
         self.framer = wire.Framer(max_data_xfer_size + MSG_SIZE_SLACK)
         self.negotiated = False
@@ -138,13 +151,21 @@ class Connection:
             return
         self.framer.feed(data, fds)
 
-    def process(self) -> list[DmaResult]:
-        """Handle every whole message buffered; return DMA replies seen."""
+    def process(self, limit: int = 0) -> list[DmaResult]:
+        """Handle the whole messages buffered, at most ``limit`` (0: all).
+
+        Returns the DMA replies seen.  If ``limit`` messages were handled
+        (``handled`` grew by ``limit``), whole messages may be left: call again.
+        """
         results: list[DmaResult] = []
         framer = self.framer
-        while not self.closed:
+        budget = limit or 1 << 62
+        handled = 0
+        while handled < budget and not self.closed:
             if self.negotiated and not framer.holds_fds:
-                self._fast_region_accesses()
+                handled += self._fast_region_accesses(budget - handled)
+                if handled >= budget:
+                    break
             try:
                 msg = framer.next_message()
             except wire.FramingError as e:
@@ -152,8 +173,10 @@ class Connection:
                 break
             if msg is None:
                 break
+            handled += 1
             try:
                 if msg.flags & FLAG_TYPE_MASK == FLAG_REPLY:
+                    self.replies += 1
                     result = self._on_reply(msg)
                     if result is not None:
                         results.append(result)
@@ -162,34 +185,38 @@ class Connection:
             finally:
                 if msg.fds:
                     wire.close_fds(msg.fds)
+        self.handled += handled
         return results
 
-    def _fast_region_accesses(self) -> None:
+    def _fast_region_accesses(self, budget: int) -> int:
         """REGION_READ/WRITE straight from the buffer, the common case.
 
-        Handles messages until one is unusual - another command, incomplete,
-        odd-sized, a reply - and leaves that one to the general path with
-        its full checks.  The device is called exactly once per message:
-        the message is consumed first and a failure is answered here.
+        Handles up to ``budget`` messages until one is unusual - another
+        command, incomplete, odd-sized, a reply - and leaves that one to the
+        general path with its full checks; returns how many it handled.  The
+        device is called exactly once per message: the message is consumed
+        first and a failure is answered here.
         """
         framer = self.framer
         backend = self.backend
         limit = self.max_data_xfer_size
         pack = HEADER.pack
         queue = self._queue
-        while True:
+        done = 0
+        while done < budget:
             buf, pos, avail = framer.peek()
             if avail < 32:
-                return
+                return done
             msg_id, command, size, flags, _ = HEADER.unpack_from(buf, pos)
             if avail < size or flags & FLAG_TYPE_MASK:
-                return
+                return done
             if command == Command.REGION_READ and size == 32:
                 head = bytes(buf[pos + HEADER_SIZE : pos + 32])
                 offset, region, count = REGION_ACCESS.unpack(head)
                 if count > limit:
-                    return
+                    return done
                 framer.consume(32)
+                done += 1
                 try:
                     data = backend.region_read(region, offset, count)
                     if len(data) != count:
@@ -202,10 +229,11 @@ class Connection:
             elif command == Command.REGION_WRITE and size >= 32:
                 offset, region, count = REGION_ACCESS.unpack_from(buf, pos + HEADER_SIZE)
                 if count != size - 32 or count > limit:
-                    return
+                    return done
                 head = bytes(buf[pos + HEADER_SIZE : pos + 32])
                 data = bytes(buf[pos + 32 : pos + size])
                 framer.consume(size)
+                done += 1
                 try:
                     backend.region_write(region, offset, data)
                 except Exception as e:
@@ -214,17 +242,15 @@ class Connection:
                 if not flags & FLAG_NO_REPLY:
                     queue(pack(msg_id, command, 32, FLAG_REPLY, 0) + head)
             else:
-                return
+                return done
+        return done
 
     def _fast_fail(self, msg_id: int, command: int, flags: int, e: Exception) -> None:
         msg = RawMessage(msg_id, command, flags, 0, b"", [])
         if isinstance(e, OSError):
             self._fail(msg, e.errno or errno.EIO, e.strerror or str(e))
         else:
-            log.error(
-                "%s: device failed on command %d (msg %#x)", self.name, command, msg_id, exc_info=e
-            )
-            self._fail(msg, errno.EIO, "device error")
+            self._device_bug(msg, e)
 
     # --- output ---------------------------------------------------------
 
@@ -280,13 +306,24 @@ class Connection:
         if pending is None or pending[0] != msg.command:
             if pending is not None:
                 self._dma_pending[msg.msg_id] = pending
-            log.warning(
-                "%s: unsolicited reply msg %#x cmd %d dropped", self.name, msg.msg_id, msg.command
+            self.stats.error(
+                "unsolicited reply",
+                "%s: unsolicited reply msg %#x cmd %d dropped",
+                self.name,
+                msg.msg_id,
+                msg.command,
+                level=logging.WARNING,
             )
             return None
         command, address, count = pending
         if msg.fds:
-            log.warning("%s: DMA reply %#x carried fds; closed", self.name, msg.msg_id)
+            self.stats.error(
+                "DMA reply with fds",
+                "%s: DMA reply %#x carried fds; closed",
+                self.name,
+                msg.msg_id,
+                level=logging.WARNING,
+            )
         if msg.flags & FLAG_ERROR:
             return DmaResult(msg.msg_id, msg.error or errno.EIO)
         p = msg.payload
@@ -296,15 +333,23 @@ class Connection:
         data = p[wire.DMA_ACCESS.size :]
         if command == Command.DMA_READ:
             if r_addr != address or r_count != count or len(data) != count:
-                log.warning(
-                    "%s: DMA_READ reply %#x does not match its request", self.name, msg.msg_id
-                )
+                self._reply_mismatch(msg)
                 return DmaResult(msg.msg_id, errno.EIO)
             return DmaResult(msg.msg_id, 0, data)
         if r_addr != address or r_count != count:
-            log.warning("%s: DMA_WRITE reply %#x does not match its request", self.name, msg.msg_id)
+            self._reply_mismatch(msg)
             return DmaResult(msg.msg_id, errno.EIO)
         return DmaResult(msg.msg_id, 0)
+
+    def _reply_mismatch(self, msg: RawMessage) -> None:
+        self.stats.error(
+            "DMA reply mismatch",
+            "%s: DMA reply %#x (cmd %d) does not match its request",
+            self.name,
+            msg.msg_id,
+            msg.command,
+            level=logging.WARNING,
+        )
 
     def fail_pending_dma(self) -> list[DmaResult]:
         """On disconnect: every outstanding DMA request fails ENOTCONN."""
@@ -336,11 +381,8 @@ class Connection:
         except OSError as e:
             self._fail(msg, e.errno or errno.EIO, e.strerror or str(e))
             return
-        except Exception:
-            log.exception(
-                "%s: device failed on command %d (msg %#x)", self.name, command, msg.msg_id
-            )
-            self._fail(msg, errno.EIO, "device error")
+        except Exception as e:
+            self._device_bug(msg, e)
             return
         if not msg.flags & FLAG_NO_REPLY:
             self._queue(
@@ -351,7 +393,8 @@ class Connection:
 
     def _fail(self, msg: RawMessage, errno_value: int, why: str) -> None:
         # Info, not warning: refusals are cheap and expected; the errno goes back.
-        log.info(
+        self.stats.error(
+            failure_kind(errno_value, msg.command),
             "%s: msg %#x cmd %d failed: %s (%s)",
             self.name,
             msg.msg_id,
@@ -362,9 +405,29 @@ class Connection:
         if not msg.flags & FLAG_NO_REPLY:
             self._queue(wire.error_reply(msg.msg_id, msg.command, errno_value))
 
+    def _device_bug(self, msg: RawMessage, e: Exception) -> None:
+        """The device raised something other than OSError: EIO, with its traceback."""
+        self.stats.error(
+            failure_kind(errno.EIO, msg.command) + " (device bug)",
+            "%s: device failed on command %d (msg %#x)",
+            self.name,
+            msg.command,
+            msg.msg_id,
+            level=logging.ERROR,
+            exc_info=e,
+        )
+        if not msg.flags & FLAG_NO_REPLY:
+            self._queue(wire.error_reply(msg.msg_id, msg.command, errno.EIO))
+
     def _close(self, why: str) -> None:
         if not self.closed:
-            log.warning("%s: closing connection: %s", self.name, why)
+            self.stats.error(
+                "connection closed",
+                "%s: closing connection: %s",
+                self.name,
+                why,
+                level=logging.WARNING,
+            )
         self.closed = True
         self.close_reason = why
         self.framer.close()
@@ -391,7 +454,8 @@ class Connection:
             raise refuse(str(e)) from None
         self.client_caps = caps
         self.negotiated = True
-        log.info(
+        self.stats.event(
+            "version",
             "%s: client version %d.%d, max_msg_fds %d, max_data_xfer_size %d",
             self.name,
             head.major,
@@ -415,10 +479,7 @@ class Connection:
             raise _bad(f"REGION_READ count {count} above max_data_xfer_size")
         data = self.backend.region_read(region, offset, count)
         if len(data) != count:
-            log.error(
-                "%s: region %d read returned %d bytes, not %d", self.name, region, len(data), count
-            )
-            raise OSError(errno.EIO, "short device read")
+            raise OSError(errno.EIO, f"device read {len(data)} of {count} bytes")
         return p + data, ()
 
     def _region_write(self, msg: RawMessage) -> tuple[bytes, Sequence[int]]:
@@ -573,8 +634,7 @@ class Connection:
             raise _bad(f"MIG_DATA_READ argsz {req.argsz} cannot hold {req.size} bytes")
         data = self.backend.mig_data_read(req.size)
         if len(data) > req.size:
-            log.error("%s: mig_data_read returned %d > %d bytes", self.name, len(data), req.size)
-            raise OSError(errno.EIO, "device returned too much migration data")
+            raise OSError(errno.EIO, f"device returned {len(data)} > {req.size} migration bytes")
         head = wire.MigData.build({"argsz": wire.MIG_DATA_SIZE + len(data), "size": len(data)})
         return head + data, ()
 

@@ -154,6 +154,24 @@ class LibvfioUserServer:
 
     # --- DeviceServer interface ------------------------------------------
 
+    def status(self) -> dict[str, object]:
+        """What ``mdevd status`` shows (as the native server's; libvfio-user
+        answers refused requests itself, so no per-kind error counts)."""
+        return {
+            "socket": self.path,
+            "connected": self.connected,
+            "client": f"{self.name}#{self._clients_served}" if self.connected else None,
+            "clients": self._clients_served,
+            "requests": self.requests,
+            "errors": {},
+            "failure": None,
+            "transport": "libvfio-user",
+        }
+
+    def errors_text(self) -> str:
+        """The ``vfio_user/errors`` attribute: libvfio-user keeps no counts."""
+        return "total 0 (libvfio-user transport: errors are not counted)\n"
+
     @property
     def connected(self) -> bool:
         return self._conn_fd >= 0

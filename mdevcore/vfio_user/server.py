@@ -17,6 +17,19 @@ kept) and the next client is accepted.
 Server-to-client DMA (QEMU has no twin socket): ``DmaPort.dma_read/write``
 queue a request on the same socket and wait for the reply the reader task
 matches, while the client's own requests keep being served.
+
+Fairness: every device of a daemon is served by tasks of one trio run, so
+a client that keeps its socket full must not keep the others waiting.  A
+reader handles at most ``TURN_MESSAGES`` messages or ``TURN_BYTES`` bytes
+between two checkpoints, then lets the other tasks run.  A client waiting
+for each reply parks every turn and never reaches the bound, so its round
+trip costs the same (benchmarks/fairness.py shows both).
+
+Counters (requests, clients, errors by kind) and the rate-limited log of
+what clients provoke live in ``DeviceServer.stats`` and outlive clients.
+Accepting: running out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+is retried with a logged back-off; any other accept error ends ``serve``
+with that OSError (``failure`` says why), leaving other devices be.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from mdevcore.unix_listener import unix_listener
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.constants import SERVER_MAX_MSG_FDS
 from mdevcore.vfio_user.engine import Connection, DmaResult
+from mdevcore.vfio_user.stats import DeviceStats
 from mdevcore.vfio_user.wire import close_fds
 
 log = logging.getLogger(__name__)
@@ -52,6 +66,16 @@ _CMSG_SPACE = socket.CMSG_SPACE(4 * SERVER_MAX_MSG_FDS * 8)
 # Off by default: on this 2-core VM, shared with QEMU and other devices, it
 # helped some runs and hurt others (benchmarks/vfio_user_rtt.py, "spin 20").
 DEFAULT_SPIN_US = 0.0
+# One turn of a reader between checkpoints: what another device's request
+# may wait for behind a flood.  32 bad requests take ~250 us on this 2-core
+# VM (8 us each); a client posting good writes pays one checkpoint per 32.
+TURN_MESSAGES = 32
+TURN_BYTES = _RECV_SIZE
+# accept() errors that say "not now" (out of fds or memory): retried, the
+# wait doubling from the first to the last, each retry logged.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_FIRST = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -97,12 +121,17 @@ class _Client:
     """One accepted connection: its socket, engine and pending DMA."""
 
     def __init__(
-        self, sock: socket.socket, backend: DeviceBackend, name: str, spin_ns: int = 0
+        self,
+        sock: socket.socket,
+        backend: DeviceBackend,
+        name: str,
+        spin_ns: int = 0,
+        stats: DeviceStats | None = None,
     ) -> None:
         self.sock = sock
         self.name = name
         self.spin_ns = spin_ns
-        self.conn = Connection(backend, name=name)
+        self.conn = Connection(backend, name=name, stats=stats)
         self._pending: list[tuple[list[bytes], list[int]]] = []
         self._writer_busy = False
         self._drained = trio.Event()
@@ -114,6 +143,7 @@ class _Client:
         self._rview = memoryview(self._rbuf)
         self.parks = 0  # waits in trio for the socket
         self.spin_hits = 0  # requests caught by polling instead
+        self.yields = 0  # turns ended by the fairness bound
 
     # --- sending --------------------------------------------------------
 
@@ -134,7 +164,7 @@ class _Client:
                 return
             except OSError as e:
                 # EPIPE/ECONNRESET: the client is gone; only this connection ends.
-                log.info("%s: send failed: %s", self.name, e)
+                self.conn.stats.event("gone", "%s: send failed: %s", self.name, e)
                 self._pending.clear()
                 self.gone = True
                 return
@@ -222,6 +252,10 @@ class _Client:
         burst = False
         sent_at = 0
         bufs = [self._rview]
+        # This turn so far: the messages since conn.handled was turn_mark, bytes.
+        turn_mark = 0
+        turn_bytes = 0
+        turn_messages, turn_bytes_max = TURN_MESSAGES, TURN_BYTES  # locals: read per request
         while True:
             try:
                 n, ancdata, msg_flags, _ = sock.recvmsg_into(bufs, _CMSG_SPACE)
@@ -230,25 +264,33 @@ class _Client:
                 if got is None:
                     self.parks += 1
                     await trio.lowlevel.wait_readable(sock)
+                    turn_mark, turn_bytes = conn.handled, 0
                     continue
                 self.spin_hits += 1
                 n, ancdata, msg_flags = got
             except OSError as e:
-                log.info("%s: connection error: %s", self.name, e)
+                conn.stats.event("gone", "%s: connection error: %s", self.name, e)
                 return
             if self.spin_ns:
                 burst = clock() - sent_at < self.spin_ns
             fds = _fds_from_ancdata(ancdata) if ancdata else []
             if msg_flags & _MSG_CTRUNC:
-                log.warning("%s: control data truncated (too many fds); closing", self.name)
+                conn.stats.error(
+                    "too many fds",
+                    "%s: control data truncated (too many fds); closing",
+                    self.name,
+                    level=logging.WARNING,
+                )
                 close_fds(fds)
                 return
             if not n:
                 close_fds(fds)
-                log.info("%s: client closed the connection", self.name)
+                conn.stats.event("gone", "%s: client closed the connection", self.name)
                 return
             conn.receive_data(self._rview[:n], fds)
-            results = conn.process()
+            turn_bytes += n
+            # What _handle does, inline: an awaited call costs a coroutine per request.
+            results = conn.process(turn_messages)
             if results:
                 self.complete(results)
             if conn.has_output or self._pending:
@@ -260,9 +302,35 @@ class _Client:
                 sent_at = clock()
             if conn.closed or self.gone:
                 return
+            if conn.handled - turn_mark >= turn_messages or turn_bytes >= turn_bytes_max:
+                # A client with a backlog (or a long turn): others go first,
+                # then what is left is handled a turn at a time.
+                while True:
+                    self.yields += 1
+                    await trio.lowlevel.checkpoint()
+                    turn_mark, turn_bytes = conn.handled, 0
+                    await self._handle(turn_messages)
+                    if conn.closed or self.gone:
+                        return
+                    if conn.handled - turn_mark < turn_messages:
+                        break  # all whole messages handled
+
+    async def _handle(self, limit: int) -> None:
+        """Up to ``limit`` buffered messages, then send the replies."""
+        conn = self.conn
+        results = conn.process(limit)
+        if results:
+            self.complete(results)
+        if conn.has_output or self._pending:
+            # Usually the socket takes it all at once: no await needed.
+            if not self._writer_busy:
+                self._send_some()
+            if self._pending:
+                await self.flush()
 
     def close(self) -> None:
         self.gone = True
+        self.conn.stats.detach(self.conn)
         self.complete(self.conn.fail_pending_dma())
         self.conn.framer.close()
         self.sock.close()
@@ -287,11 +355,29 @@ class DeviceServer:
         self.name = name
         self._client: _Client | None = None
         self._client_scope: trio.CancelScope | None = None
-        self._clients_served = 0
+        self.stats = DeviceStats(name)
+        self.failure: str | None = None  # why serve() ended on its own, if it did
 
     @property
     def connected(self) -> bool:
         return self._client is not None
+
+    def status(self) -> dict[str, object]:
+        """What ``mdevd status`` shows of this server (JSON-ready)."""
+        client = self._client
+        return {
+            "socket": self.path,
+            "connected": client is not None,
+            "client": client.name if client is not None else None,
+            "clients": self.stats.clients,
+            "requests": self.stats.requests,
+            "errors": self.stats.errors(),
+            "failure": self.failure,
+        }
+
+    def errors_text(self) -> str:
+        """The ``vfio_user/errors`` attribute: counts by kind, then the total."""
+        return self.stats.errors_text()
 
     def disconnect(self) -> None:
         """Drop the current client now (device removal)."""
@@ -318,6 +404,7 @@ class DeviceServer:
         # Not accepting while a client is served keeps later connections
         # waiting in the listen backlog: one client at a time, and a client
         # reconnecting right after a disconnect is never turned away.
+        delay = ACCEPT_BACKOFF_FIRST
         while True:
             try:
                 sock, _ = listener.accept()
@@ -325,21 +412,31 @@ class DeviceServer:
                 await trio.lowlevel.wait_readable(listener)
                 continue
             except OSError as e:
-                # EMFILE and friends: say so, back off, keep serving.
-                log.error("%s: accept failed: %s", self.name, e)
-                await trio.sleep(0.1)
+                if e.errno not in CAPACITY_ERRNOS:
+                    # Not a shortage that passes: this listener is broken.
+                    self.failure = f"accept failed: {e}"
+                    log.error("%s: %s; this device is no longer served", self.name, self.failure)
+                    raise
+                log.warning("%s: accept failed: %s; retrying in %.2f s", self.name, e, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, ACCEPT_BACKOFF_MAX)
                 continue
+            delay = ACCEPT_BACKOFF_FIRST
             sock.setblocking(False)
-            self._clients_served += 1
+            self.stats.clients += 1
             client = _Client(
-                sock, self.backend, f"{self.name}#{self._clients_served}", self.spin_ns
+                sock,
+                self.backend,
+                f"{self.name}#{self.stats.clients}",
+                self.spin_ns,
+                self.stats,
             )
             self._client = client
             self._client_scope = trio.CancelScope()
             await self._serve_client(client, self._client_scope)
 
     async def _serve_client(self, client: _Client, scope: trio.CancelScope) -> None:
-        log.info("%s: client connected", client.name)
+        self.stats.event("connect", "%s: client connected", client.name)
         try:
             with scope:
                 try:
@@ -357,12 +454,16 @@ class DeviceServer:
                 self.backend.disconnected()
             except Exception:
                 log.exception("%s: device failed in disconnected()", client.name)
-            log.info(
-                "%s: client gone (%d parks, %d requests caught spinning)",
+            self.stats.event(
+                "gone",
+                "%s: client gone (%d requests, %d parks, %d caught spinning, %d turns yielded)",
                 client.name,
+                client.conn.handled,
                 client.parks,
                 client.spin_hits,
+                client.yields,
             )
+            self.stats.flush()
 
 
 async def serve_forever(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +42,8 @@ class VfioHost(Protocol):
     def serve(self, name: str, backend: DeviceBackend) -> Path: ...
 
     def unserve(self, name: str) -> None: ...
+
+    def errors_text(self, name: str) -> str: ...
 
 
 def lm_aux_name(vf: PciFunction) -> str:
@@ -155,13 +157,15 @@ class PdsVfioDriver(PciDriver):
         self.sockets.pop(fn.name, None)
         fn.device.reset()  # as vfio-pci resets a device it releases
 
-    def device_attributes(self, fn: PciFunction) -> Mapping[str, str]:
+    def device_attributes(self, fn: PciFunction) -> Mapping[str, str | Callable[[], str]]:
         path = self.sockets.get(fn.name)
         if path is None:
             return {}
+        name = fn.name
         return {
             "vfio_user/socket": f"{path}\n",
             "vfio_user/qemu_device": f"{qemu_device_arg(path)}\n",
+            "vfio_user/errors": lambda: self.host.errors_text(name),
         }
 
 

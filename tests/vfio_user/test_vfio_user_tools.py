@@ -76,3 +76,22 @@ def test_runner_sigint_also_exits_0(runner: tuple[subprocess.Popen[bytes], str])
 def test_cli_bad_socket(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main([os.path.join(sockdir, "nothing"), "info"]) == 1
     assert "No such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["sock"], ["sock", "frobnicate"], ["sock", "read", "0", "zz", "4"], ["sock", "write"]],
+)
+def test_cli_bad_arguments_exit_1(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(argv) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_exit_status_as_a_process() -> None:
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "tools.vfio_user_cli"]
+    bad = subprocess.run([*cmd, "sock", "read"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 1 and "usage: vfio-user-cli" in bad.stderr
+    helped = subprocess.run([*cmd, "--help"], cwd=root, capture_output=True, text=True)
+    assert helped.returncode == 0
+    assert "exit status: 0 done, 1 error" in " ".join(helped.stdout.split())
