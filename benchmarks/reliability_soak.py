@@ -254,7 +254,7 @@ def churn(sock: str, rng: random.Random, deadline: float, report: Report,
 # --- the soak -------------------------------------------------------------------------
 
 
-def soak(seconds: float, seed: int, base: Path) -> Report:
+def soak(seconds: float, seed: int, base: Path, *, nvme: bool = True) -> Report:
     report = Report()
     daemon = Daemon(base)
     try:
@@ -269,9 +269,9 @@ def soak(seconds: float, seed: int, base: Path) -> Report:
         deadline = time.monotonic() + seconds
         start = time.monotonic()
         workers = [
-            threading.Thread(target=run_workload, args=(
+            *([threading.Thread(target=run_workload, args=(
                 "nvme", NvmeWorkload(queues=4, depth=16, span_bytes=32 << 20, seed=seed),
-                vf, 32 << 20, deadline, report, lock)),
+                vf, 32 << 20, deadline, report, lock))] if nvme else []),
             *(threading.Thread(target=run_workload, args=(
                 f"mtty{i}", MttyWorkload(), sock, 4 << 20, deadline, report, lock))
               for i, sock in enumerate(streams)),
@@ -330,10 +330,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-nvme", action="store_true", help="leave the NVMe workload out")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     with tempfile.TemporaryDirectory(prefix="soak-") as d:
-        report = soak(args.seconds, seed, Path(d))
+        report = soak(args.seconds, seed, Path(d), nvme=not args.no_nvme)
         if not report.ok:  # keep the daemon's log for the post-mortem
             kept = Path(tempfile.gettempdir()) / f"soak-{seed}-mdevd.log"
             shutil.copyfile(Path(d) / "mdevd.log", kept)
