@@ -37,6 +37,20 @@ PARENT, TYPE = "mtty", "mtty-2"
 KEPT = uuid.UUID("11111111-2222-3333-4444-555555555555")
 
 
+def expected_create(buf: bytes) -> uuid.UUID | km.Errno:
+    """The kernel's create_store parse, less one divergence left open.
+
+    OPEN (tests/fuzz/test_fuzz_findings.py, xfail): the kernel takes any
+    37th byte (create_store checks the count, guid_parse the first 36), we
+    take only a newline, and tests/core asserts that.  Until that is
+    decided, the target does not report it again.
+    """
+    want = km.mdev_create(buf)
+    if len(buf) == 37 and buf[36:] != b"\n" and not isinstance(want, km.Errno):
+        return km.Errno(errno.EINVAL)
+    return want
+
+
 def ours(fn: Callable[[], object]) -> object:
     try:
         return fn()
@@ -65,7 +79,7 @@ class SysfsTarget:
         store, buf = data[0] % 10, data[1 : 1 + PAGE_SIZE]
         if store == 0:
             got = ours(lambda: kp.parse_uuid(buf))
-            same("parse_uuid", buf, got, km.mdev_create(buf))
+            same("parse_uuid", buf, got, expected_create(buf))
         elif store in (1, 2):
             bits = 64 if store == 1 else 16
             same(f"kstrtou{bits}", buf, ours(lambda: kp.kstrtoul(buf, bits)), km.kstrtou(buf, bits))
@@ -87,7 +101,7 @@ class SysfsTarget:
 
     def _create(self, buf: bytes) -> None:
         before = set(self.core.devices)
-        want = km.mdev_create(buf)
+        want = expected_create(buf)
         result = ours(lambda: create_store(self.core, PARENT, TYPE, buf))
         after = set(self.core.devices)
         try:
