@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,13 @@ _EXECS = re.compile(r"stat::number_of_executed_units: (\d+)")
 
 
 def run(
-    target: str, seconds: int, runs: int | None, work: Path, nice: int, max_len: int
+    target: str,
+    seconds: int,
+    runs: int | None,
+    work: Path,
+    nice: int,
+    max_len: int,
+    seed: int = 0,
 ) -> dict[str, Any]:
     corpus = work / "corpus"
     findings = work / "findings"
@@ -51,6 +58,8 @@ def run(
     ]
     if runs is not None:
         args.append(f"-runs={runs}")
+    if seed:
+        args.append(f"-seed={seed}")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(
         args,
@@ -74,8 +83,11 @@ def run(
     return stats
 
 
-def keep(target: str, work: Path, nice: int) -> None:
-    """Merge the work corpus into the repo corpus, adding only new coverage."""
+def keep(target: str, work: Path, nice: int, limit: int) -> None:
+    """Merge the work corpus into the repo corpus, adding only new coverage.
+
+    At most ``limit`` inputs, smallest first: the repo keeps a small corpus
+    that CI replays in seconds; the work directory keeps everything."""
     seeds = CORPUS / target
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with tempfile.TemporaryDirectory() as merged:
@@ -89,7 +101,9 @@ def keep(target: str, work: Path, nice: int) -> None:
 
         known = {hashlib.sha1(p.read_bytes()).hexdigest() for p in seeds.iterdir()}
         added = 0
-        for p in Path(merged).iterdir():
+        for p in sorted(Path(merged).iterdir(), key=lambda p: p.stat().st_size):
+            if added == limit:
+                break
             data = p.read_bytes()
             digest = hashlib.sha1(data).hexdigest()
             if digest not in known:
@@ -106,12 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="default /tmp/mdevcore-fuzz/TARGET")
     parser.add_argument("--nice", type=int, default=10)
     parser.add_argument("--max-len", type=int, default=16384)
-    parser.add_argument("--keep", action="store_true", help="merge new coverage into the corpus")
+    parser.add_argument("--seed", type=int, default=0, help="libFuzzer's -seed (0: random)")
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="merge up to N inputs that add coverage into the repo corpus",
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.gettempdir()) / "mdevcore-fuzz" / args.target
-    s = run(args.target, args.seconds, args.runs, work, args.nice, args.max_len)
+    started = time.monotonic()
+    s = run(args.target, args.seconds, args.runs, work, args.nice, args.max_len, args.seed)
     print(
-        f"{args.target}: {s['execs']} executions in {args.seconds}s, "
+        f"{args.target}: {s['execs']} executions in {time.monotonic() - started:.0f}s, "
         f"coverage {s['cov']} edges ({s['ft']} features), corpus {s['corp']} inputs, "
         f"{len(s['findings'])} findings, libFuzzer exit {s['returncode']}"
     )
@@ -119,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + line)
     print(f"  log: {work / 'libfuzzer.log'}; findings: {work / 'findings'}")
     if args.keep:
-        keep(args.target, work, args.nice)
+        keep(args.target, work, args.nice, args.keep)
     return 1 if s["findings"] or s["crash"] else 0
 
 

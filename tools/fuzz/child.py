@@ -11,6 +11,7 @@ stderr, and fuzzing goes on, so one run reports every distinct finding.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -57,7 +58,15 @@ def main() -> None:
             )
             print(f"FINDING {sig} {str(exc)[:200]!r} input {path}", file=sys.stderr, flush=True)
 
-    atheris.Setup([sys.argv[0], *sys.argv[3:]], one_input)
+    # libFuzzer re-executes argv[0] for -merge (and -fork): give it a
+    # command that lands here again with the same target and findings.
+    relaunch = findings_dir.parent / "relaunch.sh"
+    relaunch.write_text(
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tools.fuzz.child "
+        f'{shlex.quote(name)} {shlex.quote(str(findings_dir))} "$@"\n'
+    )
+    relaunch.chmod(0o755)
+    atheris.Setup([str(relaunch), *sys.argv[3:]], one_input)
     atheris.Fuzz()
 
 

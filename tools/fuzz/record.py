@@ -46,13 +46,14 @@ def _is_memfd(fd: int) -> bool:
 
 
 @contextmanager
-def tap() -> Iterator[list[Chunk]]:
-    """Every recvmsg a Connection gets while the block runs."""
-    seen: list[Chunk] = []
+def tap() -> Iterator[dict[int, list[Chunk]]]:
+    """Every recvmsg each Connection gets while the block runs, by id(backend)."""
+    seen: dict[int, list[Chunk]] = {}
     original = Connection.receive_data
 
     def recording(self: Connection, data: bytes | memoryview, fds: Sequence[int] = ()) -> None:
-        seen.append((bytes(data), len(fds), any(_is_memfd(fd) for fd in fds)))
+        chunk = (bytes(data), len(fds), any(_is_memfd(fd) for fd in fds))
+        seen.setdefault(id(self.backend), []).append(chunk)
         original(self, data, fds)
 
     Connection.receive_data = recording  # type: ignore[method-assign]
@@ -60,6 +61,20 @@ def tap() -> Iterator[list[Chunk]]:
         yield seen
     finally:
         Connection.receive_data = original  # type: ignore[method-assign]
+
+
+def without_version(chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks after the first message (VERSION: the target negotiates itself)."""
+    stream = b"".join(c for c, _, _ in chunks)
+    skip = int.from_bytes(stream[4:8], "little") if len(stream) >= 8 else len(stream)
+    out = []
+    for data, nfds, memfd in chunks:
+        if skip >= len(data):
+            skip -= len(data)
+            continue
+        out.append((data[skip:], nfds if skip == 0 else 0, memfd and skip == 0))
+        skip = 0
+    return out
 
 
 def _tolerant(fn: Callable[..., object]) -> Callable[..., object]:
@@ -133,5 +148,4 @@ def record(device: PciDevice, session: Callable[[Client], None]) -> list[Chunk]:
     with tap() as seen, serve(device) as served:
         with served.connect() as client:
             session(client)
-    # The target negotiates itself: drop the chunk that held VERSION.
-    return seen[1:]
+    return without_version(seen.get(id(device), []))
