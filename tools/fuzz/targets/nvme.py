@@ -34,7 +34,7 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.queues import Command, Completion, make_command
@@ -74,8 +74,9 @@ QUEUE_OPS |= {AdminOpcode.DELETE_IO_SQ, AdminOpcode.DELETE_IO_CQ}
 class CheckedDma:
     """The real DmaTable, with each translation checked against the mappings."""
 
-    def __init__(self, table: DmaTable) -> None:
+    def __init__(self, table: DmaTable, on_write: Callable[[int, int], None]) -> None:
         self.table = table
+        self.on_write = on_write
 
     def translate(self, iova: int, length: int, write: bool) -> memoryview:
         inside = length >= 0 and (
@@ -92,6 +93,8 @@ class CheckedDma:
             raise
         check(inside, f"translate gave {iova:#x}+{length:#x} outside the DMA table")
         check(len(view) == length, f"view of {len(view)} bytes for {length}")
+        if write:
+            self.on_write(iova, length)
         return view
 
     def mark_dirty(self, iova: int, length: int) -> None:
@@ -115,7 +118,7 @@ class Harness:
         self.table.map(DmaMapping(BASE, HALF, rw, memfd, PAGE))
         self.table.map(DmaMapping(GAP_IOVA + PAGE, HALF, rw, memfd, 2 * PAGE + HALF))
         self.ctrl = NvmeController(
-            CheckedDma(self.table),  # type: ignore[arg-type]
+            CheckedDma(self.table, self.controller_wrote),  # type: ignore[arg-type]
             [namespace],
             lambda vector: None,
             config=CONFIG,
@@ -129,6 +132,32 @@ class Harness:
     def close(self) -> None:
         self.ctrl.close()
         self.table.clear()
+
+    # What the host cannot check: its own queue memory overwritten, by the
+    # controller doing what a command asked (data into a queue page) or by
+    # the host itself.  That queue's completions are then no longer checked.
+    def _clobbered(self, iova: int, length: int, cqe_post: bool) -> None:
+        for q in self.queues.values():
+            if iova < q.sq + 64 * QSIZE and iova + length > q.sq:
+                q.trusted = False
+            if iova < q.cq + 16 * QSIZE and iova + length > q.cq:
+                if not (cqe_post and length == 16 and (iova - q.cq) % 16 == 0):
+                    q.trusted = False
+
+    def controller_wrote(self, iova: int, length: int) -> None:
+        self._clobbered(iova, length, cqe_post=True)
+
+    def _queue_command(self, cmd: Command) -> None:
+        """A create/delete: which queues change is the command's business."""
+        self.queues.pop(1, None)
+        entries = (cmd.cdw10 >> 16) + 1
+        entry = 64 if cmd.opcode == AdminOpcode.CREATE_IO_SQ else 16
+        if cmd.opcode in (AdminOpcode.CREATE_IO_SQ, AdminOpcode.CREATE_IO_CQ):
+            if not cmd.cdw11 & 1:  # not contiguous: a PRP list we do not follow
+                for q in self.queues.values():
+                    q.trusted = False
+            else:
+                self._clobbered(cmd.prp1, entries * entry, cqe_post=False)
 
     # guest memory, by IOVA (the host's own writes: no DMA table involved)
     def _off(self, iova: int) -> int:
@@ -213,8 +242,8 @@ class Harness:
             q.head += 1
             if q.head == QSIZE:
                 q.head, q.phase = 0, q.phase ^ 1
-            check(cqe.sqhd < QSIZE, f"CQE sqhd {cqe.sqhd} outside a queue of {QSIZE}")
             if q.trusted:
+                check(cqe.sqhd < QSIZE, f"CQE sqhd {cqe.sqhd} outside a queue of {QSIZE}")
                 check(cqe.sqid == q.sqid, f"CQE sqid {cqe.sqid} on the CQ of SQ {q.sqid}")
                 check(cqe.cid in q.outstanding, f"CQE for cid {cqe.cid} never submitted on {qid}")
                 q.outstanding.discard(cqe.cid)
@@ -252,9 +281,7 @@ class Harness:
             if op & 8:
                 cmd = cmd._replace(prp2=BASE + cmd.prp2 % MEM_SIZE)
             if qid == 0 and cmd.opcode in QUEUE_OPS:
-                # The host cannot know which queues the command changes: stop
-                # checking I/O queue 1 and stop using it.
-                self.queues.pop(1, None)
+                self._queue_command(cmd)
             if qid == 0 and cmd.opcode == AdminOpcode.DOORBELL_BUFFER_CONFIG:
                 for q in self.queues.values():
                     q.trusted = False  # shadow doorbells: MMIO ones may be ignored
@@ -269,6 +296,7 @@ class Harness:
             chunk = chunk[: max(0, BASE + MEM_SIZE - iova)]
             if iova + len(chunk) > GAP_IOVA and iova < GAP_IOVA + PAGE:
                 return pos  # the host has no memory there either
+            self._clobbered(iova, len(chunk), cqe_post=False)
             self.write_mem(iova, chunk)
         else:
             raw = data[pos : pos + 5].ljust(5, b"\0")
