@@ -160,7 +160,9 @@ class Expect:
                 self.pending.append((msg_id, command, body))
 
 
-def check_replies(conn: Connection, expect: Expect) -> None:
+def check_replies(conn: Connection, expect: Expect) -> int:
+    """Check every queued reply; returns how many."""
+    checked = 0
     framer = wire.Framer(1 << 31)
     try:
         for buffers, fds in conn.outgoing():
@@ -172,9 +174,11 @@ def check_replies(conn: Connection, expect: Expect) -> None:
                 check(head[1] == Command.DEVICE_GET_REGION_INFO, f"fds with command {head[1]}")
             while (msg := framer.next_message()) is not None:
                 check_reply(msg, expect)
+                checked += 1
         check(framer.next_message() is None and not framer.peek()[2], "partial reply queued")
     finally:
         framer.close()
+    return checked
 
 
 def check_reply(msg: wire.RawMessage, expect: Expect) -> None:
@@ -225,6 +229,7 @@ class EngineTarget:
         # Refusals log at info, device errors at error: both are expected here.
         logging.getLogger("mdevcore").setLevel(logging.CRITICAL)
         logging.getLogger("samples").setLevel(logging.CRITICAL)
+        self.replies_checked = 0  # so a test can tell the checks are not vacuous
 
     def run(self, data: bytes) -> None:
         if not data:
@@ -255,7 +260,7 @@ class EngineTarget:
                 conn.receive_data(chunk, make_fds(nfds, memfd))
                 expect.feed(chunk)
                 conn.process()
-                check_replies(conn, expect)
+                self.replies_checked += check_replies(conn, expect)
                 check(conn.closed == expect.broken, f"closed={conn.closed} broken={expect.broken}")
                 if conn.closed:
                     break

@@ -136,6 +136,7 @@ class MigrationTarget:
         for d in self.devices:
             snapshot(d)
         self.baselines = [snapshot(d) for d in self.devices]
+        self.outcomes = {"refused": 0, "accepted": 0}  # the checks are not vacuous
 
     def run(self, data: bytes) -> None:
         if not data:
@@ -148,6 +149,7 @@ class MigrationTarget:
         except OSError as exc:
             check(exc.errno == errno.EINVAL, f"refused with errno {exc.errno}, not EINVAL")
             check(snapshot(device) == baseline, f"a refused stream changed the device ({exc})")
+            self.outcomes["refused"] += 1
             return
         except Exception as exc:
             changed = snapshot(device) != baseline
@@ -160,6 +162,7 @@ class MigrationTarget:
         finally:
             device.load_state(baseline[0])
         check(snapshot(device) == baseline, "the device did not take its own state back")
+        self.outcomes["accepted"] += 1
 
     def close(self) -> None:
         self.mtty.close()

@@ -128,6 +128,7 @@ class Harness:
         )
         self.queues = {0: Queue(0, ASQ, ACQ)}
         self.cid = 0
+        self.cqes_checked = 0
 
     def close(self) -> None:
         self.ctrl.close()
@@ -247,6 +248,7 @@ class Harness:
                 check(cqe.sqid == q.sqid, f"CQE sqid {cqe.sqid} on the CQ of SQ {q.sqid}")
                 check(cqe.cid in q.outstanding, f"CQE for cid {cqe.cid} never submitted on {qid}")
                 q.outstanding.discard(cqe.cid)
+                self.cqes_checked += 1
             yield cqe
         if seen:
             self.ring(2 * qid + 1, q.head)
@@ -343,6 +345,7 @@ class NvmeTarget:
         os.ftruncate(self.memfd, FILE_SIZE)
         self.mm = mmap.mmap(self.memfd, FILE_SIZE)
         self.zero = bytes(FILE_SIZE)
+        self.cqes_checked = 0  # so a test can tell the checks are not vacuous
 
     def run(self, data: bytes) -> None:
         self.mm[:] = self.zero
@@ -355,6 +358,7 @@ class NvmeTarget:
                 pos = host.step(data, pos)
             host.usable()
         finally:
+            self.cqes_checked += host.cqes_checked
             host.close()
         for start, what in ((0, "guard"), (PAGE + HALF, "gap"), (FILE_SIZE - PAGE, "guard")):
             check(self.mm[start : start + PAGE] == self.zero[:PAGE], f"{what} page written")
