@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,14 @@ import tools.fuzz as fuzz
 from mdevcore.core import MdevCore
 from mdevcore.kernel_parse import kstrtobool, kstrtoul, parse_uuid, sysfs_streq
 from mdevcore.sysfs.mdev_view import create_store, remove_store
+from mdevcore.virtio import spec
+from mdevcore.virtio.chain import Chain, VirtqError
+from mdevcore.virtio.virtqueue import SplitQueue
 from parents.pds.vf import STATE_MAGIC
 from samples.mtty.device import MttyDriver
 from tools.fuzz.targets import kernel_model as km
 from tools.fuzz.targets.migration import BusyVf, snapshot
+from tools.fuzz.targets.virtio import AVAIL, DATA, DESC, USED, Guest
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 
@@ -120,3 +125,51 @@ def test_create_takes_any_37th_byte_like_the_kernel(tail: str) -> None:
 def test_open_findings_are_kept_in_the_corpus() -> None:
     names = [p.name for p in fuzz.corpus_files("sysfs")]
     assert "open-create-37th-byte" in names
+
+
+# --- virtio: descriptor chains ------------------------------------------------
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    g = Guest()
+    yield g
+    g.close()
+
+
+def pop_one(guest: Guest, descs: list[tuple[int, int, int, int]], table: bytes) -> Chain | None:
+    guest.write(DESC, b"".join(spec.DESC.pack(*d) for d in descs))
+    guest.write(AVAIL, struct.pack("<HHH", 0, 1, 0))
+    guest.write(DATA, table)
+    q = SplitQueue(guest, 0, 8)  # type: ignore[arg-type]
+    q.size, q.desc, q.driver, q.device = 8, DESC, AVAIL, USED
+    q.enable(spec.bit(spec.F_INDIRECT_DESC))
+    return q.pop()
+
+
+TABLE = spec.DESC.pack(DATA + 0x100, 12, spec.DESC_F_NEXT, 1) + spec.DESC.pack(
+    DATA + 0x200, 1514, spec.DESC_F_WRITE, 0
+)
+
+
+def test_write_flag_on_an_indirect_descriptor_is_ignored(guest: Guest) -> None:
+    """Found by `virtio`: 2.7.5.3.2 says the device MUST ignore it; we refused the chain."""
+    flags = spec.DESC_F_INDIRECT | spec.DESC_F_WRITE
+    chain = pop_one(guest, [(DATA, len(TABLE), flags, 0)], TABLE)
+    assert chain is not None
+    assert (chain.readable, chain.writable) == ([(DATA + 0x100, 12)], [(DATA + 0x200, 1514)])
+
+
+def test_an_indirect_table_may_end_a_chain_of_direct_descriptors(guest: Guest) -> None:
+    """2.7.5.3.2: the device MUST handle direct descriptors followed by one indirect."""
+    descs = [(DATA + 0x800, 8, spec.DESC_F_NEXT, 1), (DATA, len(TABLE), spec.DESC_F_INDIRECT, 0)]
+    chain = pop_one(guest, descs, TABLE)
+    assert chain is not None
+    assert chain.readable == [(DATA + 0x800, 8), (DATA + 0x100, 12)]
+    assert chain.writable == [(DATA + 0x200, 1514)]
+
+
+def test_indirect_with_next_is_still_refused(guest: Guest) -> None:
+    flags = spec.DESC_F_INDIRECT | spec.DESC_F_NEXT
+    with pytest.raises(VirtqError):
+        pop_one(guest, [(DATA, len(TABLE), flags, 1), (DATA, 8, 0, 0)], TABLE)

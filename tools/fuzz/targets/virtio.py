@@ -15,7 +15,8 @@ Invariants:
   set, no step limit): same segments, or both refuse; a loop is always
   refused; an accepted chain has at most ``size`` (or table) descriptors;
 - per the spec (2.7.5.3.2) the device ignores WRITE on a descriptor that
-  refers to an indirect table;
+  refers to an indirect table, and takes one that ends a chain of direct
+  descriptors;
 - gather reads, scatter and push write only inside the DMA table; scatter
   changes no byte outside the chain's writable buffers, push none outside
   the used ring; guard pages stay zero;
@@ -84,9 +85,10 @@ def reference_walk(mem: bytes, size: int, head: int, indirect_ok: bool) -> Segme
         visited.add(index)
         addr, length, flags, nxt = _desc(mem, DESC + index * spec.DESC_SIZE)
         if flags & spec.DESC_F_INDIRECT:
-            if not indirect_ok or flags & spec.DESC_F_NEXT or index != head:
+            if not indirect_ok or flags & spec.DESC_F_NEXT:
                 raise Refused("indirect not allowed here")
-            # WRITE is ignored on the descriptor naming a table (2.7.5.3.2).
+            # 2.7.5.3.2: WRITE is ignored on the descriptor naming a table, and
+            # that descriptor may end a chain of direct ones.
             if length == 0 or length % spec.DESC_SIZE or length // spec.DESC_SIZE > size:
                 raise Refused("indirect table length")
             if not (BASE <= addr and addr + length <= BASE + SIZE):
@@ -327,6 +329,18 @@ def seeds() -> dict[str, bytes]:
         "rx-buffers": _rings(8, 0, [(buf + 2048 * i, 1526, w, 0) for i in range(4)], [0, 1, 2, 3]),
         "tx-chain": _rings(8, 2, [(buf, 12, n, 1), (buf + 64, 60, 0, 0)], [0]),
         "indirect": _rings(8, 1, [(DATA, len(indirect_table), ind, 0)], [0], indirect_table),
+        # 2.7.5.3.2: WRITE on the table's descriptor is ignored (Linux's
+        # virtio_balloon sets it); a table may end a chain of direct descriptors.
+        "indirect-write-flag": _rings(
+            8, 1, [(DATA, len(indirect_table), ind | w, 0)], [0], indirect_table
+        ),
+        "indirect-after-direct": _rings(
+            8,
+            1,
+            [(buf + 4096, 8, n, 1), (DATA, len(indirect_table), ind, 0)],
+            [0],
+            indirect_table,
+        ),  # fmt: skip
         "loop": _rings(4, 0, [(buf, 16, n, 1), (buf, 16, n, 0)], [0]),
         "readable-after-writable": _rings(4, 0, [(buf, 16, w | n, 1), (buf, 16, 0, 0)], [0]),
         "outside-memory": _rings(4, 0, [(0x1000, 64, w, 0)], [0]),
