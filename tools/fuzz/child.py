@@ -66,7 +66,17 @@ def main() -> None:
         f'{shlex.quote(name)} {shlex.quote(str(findings_dir))} "$@"\n'
     )
     relaunch.chmod(0o755)
-    atheris.Setup([str(relaunch), *sys.argv[3:]], one_input)
+    module = sys.modules[f"tools.fuzz.targets.{fuzz.TARGETS[name]}"]
+    mutator = getattr(module, "custom_mutator", None)
+    extra = {}
+    if mutator is not None:
+        # A target that knows its input's structure mutates it itself (half
+        # the time); libFuzzer's byte mutation does the rest.
+        def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+            return bytes(mutator(data, max_size, seed, atheris.Mutate))
+
+        extra["custom_mutator"] = mutate
+    atheris.Setup([str(relaunch), *sys.argv[3:]], one_input, **extra)
     atheris.Fuzz()
 
 

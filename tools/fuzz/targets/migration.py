@@ -18,11 +18,14 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import mmap
 import os
+import random
 import struct
 import tempfile
+from typing import Any
 
 from mdevcore.nvme.queues import make_command
 from mdevcore.nvme.spec import (
@@ -42,7 +45,7 @@ from mdevcore.vfio_user.backend import (
     PCI_CONFIG_REGION_INDEX,
     DmaMapping,
 )
-from parents.pds.vf import PdsNvmeVf, VfConfig
+from parents.pds.vf import STATE_MAGIC, PdsNvmeVf, VfConfig
 from samples.mtty.device import MttyDevice
 from tools.fuzz import Finding, check
 
@@ -195,3 +198,74 @@ def seeds() -> dict[str, bytes]:
             for d in (fresh_mtty, one_port, busy, fresh_vf):
                 d.close()
             vf.close()
+
+
+# --- structure-aware mutation -------------------------------------------------
+# Byte mutations of a JSON stream mostly break the JSON, so the loaders'
+# checks behind json.loads are rarely reached.  Half the time this mutates
+# one value of the decoded state instead and encodes it again: a stream
+# valid up to the one field that is not.
+
+_EDGES = (0, 1, -1, 2, 15, 16, 63, 64, 255, 256, 4095, 4096, 65535, 65536, (1 << 32) - 1,
+          1 << 32, (1 << 64) - 1, 1 << 64, 10**30)  # fmt: skip
+
+
+def _leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _leaves(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _leaves(value, (*path, i))
+    return out
+
+
+def _mutate_value(rng: random.Random, value: Any) -> Any:
+    choice = rng.randrange(8)
+    if choice == 0:
+        return rng.choice([None, True, False, "", "x", [], {}, 0.5])
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return rng.choice([rng.choice(_EDGES), value + rng.choice([-1, 1]), -value])
+    if isinstance(value, list):
+        if value and choice < 4:
+            del value[rng.randrange(len(value))]
+        elif value:
+            value.append(value[rng.randrange(len(value))])
+        return value
+    if isinstance(value, dict):
+        if value and choice < 5:
+            del value[rng.choice(list(value))]
+        else:
+            value[rng.choice(["x", "0", "99", "version"])] = rng.choice(_EDGES)
+        return value
+    if isinstance(value, str):
+        return value[: rng.randrange(len(value) + 1)] + rng.choice(["", "0", "zz", "\u00e9"])
+    return value
+
+
+def custom_mutator(data: bytes, max_size: int, seed: int, fallback: Any) -> bytes:
+    """For atheris: mutate one field of the state (pds VF: JSON; mtty: one record byte)."""
+    rng = random.Random(seed)
+    if len(data) > 1 and rng.random() < 0.5:
+        head, body = data[:1], data[1:]
+        if body.startswith(STATE_MAGIC):
+            try:
+                blob = json.loads(body[len(STATE_MAGIC) :])
+            except (ValueError, RecursionError):
+                blob = None
+            if blob is not None:
+                path = rng.choice(_leaves(blob))
+                if not path:
+                    blob = _mutate_value(rng, blob)
+                else:
+                    parent = blob
+                    for step in path[:-1]:
+                        parent = parent[step]
+                    parent[path[-1]] = _mutate_value(rng, parent[path[-1]])
+                out = head + STATE_MAGIC + json.dumps(blob, separators=(",", ":")).encode()
+                return out[:max_size]
+    mutated: bytes = fallback(data, max_size)
+    return mutated
