@@ -218,7 +218,10 @@ class Harness:
     def submit(self, qid: int, cmd: Command, ring: bool = True, own_cid: bool = True) -> Command:
         q = self.queues[qid]
         if own_cid:
+            # A driver never reuses a cid still in flight (the input's own may be).
             self.cid = (self.cid + 1) & 0xFFFF
+            while self.cid in q.outstanding:
+                self.cid = (self.cid + 1) & 0xFFFF
             cmd = cmd._replace(cid=self.cid)
         elif cmd.cid in q.outstanding:
             q.trusted = False  # two commands with one cid: completions cannot be matched
