@@ -22,6 +22,11 @@ def _text(data: bytes | str) -> str:
     return data.decode("ascii", "replace") if isinstance(data, bytes) else data
 
 
+def _c_string(text: str) -> str:
+    """What the kernel's C helpers see: the store's buffer up to the first NUL."""
+    return text.split("\0", 1)[0]
+
+
 def strip_newline(text: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
@@ -48,30 +53,42 @@ def parse_uuid(data: bytes | str) -> uuid.UUID:
 def kstrtoul(data: bytes | str, bits: int = 64) -> int:
     """kstrtou<bits>(s, 0): an optional ``+``, decimal, ``0x`` hex or ``0``
     octal, one trailing newline.  EINVAL for anything else, ERANGE when the
-    value does not fit in ``bits`` bits."""
-    text = strip_newline(_text(data))
+    value does not fit in ``bits`` bits.  As in lib/kstrtox.c the string ends
+    at a NUL, and a number too big for 64 bits is ERANGE even when junk
+    follows it (the overflow is seen before the rest is looked at)."""
+    text = _c_string(_text(data))
     if text.startswith("+"):
         text = text[1:]
     base, digits = 10, text
-    if len(text) > 1 and text[0] == "0" and text[1] in "xX":
+    if len(text) > 2 and text[0] == "0" and text[1] in "xX" and text[2] in _HEX:
         base, digits = 16, text[2:]
-    elif len(text) > 1 and text[0] == "0":
-        base, digits = 8, text[1:]
+    elif text.startswith("0"):
+        base = 8
     allowed = _DIGITS[base]
-    if not digits or any(ch not in allowed for ch in digits):
+    n = 0
+    while n < len(digits) and digits[n] in allowed:
+        n += 1
+    if base == 10 and n > 20:
+        # Decimal has no leading zeros here: more than 20 digits is past 2**64
+        # (and int() would refuse a few thousand of them).
+        raise OSError(errno.ERANGE, f"{text[:40]!r}... does not fit in 64 bits")
+    value = int(digits[:n], base) if n else 0
+    if value >> 64:
+        raise OSError(errno.ERANGE, f"{value} does not fit in 64 bits")
+    if not n or digits[n:] not in ("", "\n"):
         raise OSError(errno.EINVAL, f"{text!r} is not a number")
-    value = int(digits, base)
     if value >> bits:
         raise OSError(errno.ERANGE, f"{value} does not fit in {bits} bits")
     return value
 
 
 def kstrtobool(data: bytes | str) -> bool:
-    """kstrtobool: y/Y/1/t/on true, n/N/0/f/off false (the first characters decide)."""
+    """kstrtobool (Linux 6.2+): e/y/t/1 true, d/n/f/0 false, "on" true, "of(f)"
+    false; the first characters decide."""
     text = _text(data).lower()
-    if text[:1] in ("y", "1", "t"):
+    if text[:1] in ("e", "y", "1", "t"):
         return True
-    if text[:1] in ("n", "0", "f"):
+    if text[:1] in ("d", "n", "0", "f"):
         return False
     if text[:2] == "on":
         return True
@@ -81,5 +98,6 @@ def kstrtobool(data: bytes | str) -> bool:
 
 
 def sysfs_streq(data: bytes | str, name: str) -> bool:
-    """Equal, ignoring one trailing newline on either side (sysfs_streq)."""
-    return strip_newline(_text(data)) == strip_newline(name)
+    """Equal, ignoring one trailing newline on either side (sysfs_streq); both
+    strings end at a NUL, as C strings do."""
+    return strip_newline(_c_string(_text(data))) == strip_newline(_c_string(name))

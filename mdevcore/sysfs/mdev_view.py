@@ -62,8 +62,14 @@ def create_store(core: MdevCore, parent: str, type_id: str, data: bytes | str) -
 
 
 def remove_store(core: MdevCore, dev_uuid: uuid.UUID, data: bytes | str) -> None:
-    """A write to ``<device>/remove``: non-zero removes, 0 does nothing (kstrtoul)."""
-    if kstrtoul(data):
+    """A write to ``<device>/remove``: non-zero removes, 0 does nothing (kstrtoul).
+
+    Every parse failure is EINVAL, ERANGE included, as remove_store returns."""
+    try:
+        value = kstrtoul(data)
+    except OSError:
+        raise OSError(errno.EINVAL, f"remove: {data!r} is not a number") from None
+    if value:
         core.remove(dev_uuid)
     else:
         core.device(dev_uuid)  # still ENODEV for a device that is gone

@@ -1,13 +1,13 @@
 """Descriptor chains of a split virtqueue: walking, checking, gather and scatter.
 
 A chain is what the driver made available under one head index: direct
-descriptors linked by NEXT, or (with VIRTIO_F_INDIRECT_DESC) one descriptor
-pointing at a table of descriptors in guest memory.  Everything read from
-the guest is checked here, once: indexes inside the table, no chain longer
-than the table (which also catches loops), no indirect table inside an
-indirect one, device-readable buffers before device-writable ones.  A
-violation raises :class:`VirtqError`; the transport turns it into
-DEVICE_NEEDS_RESET.  Buffer addresses are only reached through
+descriptors linked by NEXT, the last of which may (with
+VIRTIO_F_INDIRECT_DESC) point at a table of descriptors in guest memory.
+Everything read from the guest is checked here, once: indexes inside the
+table, no chain longer than the table (which also catches loops), no
+indirect table inside an indirect one, device-readable buffers before
+device-writable ones.  A violation raises :class:`VirtqError`; the
+transport turns it into DEVICE_NEEDS_RESET.  Buffer addresses are only reached through
 ``mem.translate``, so a buffer outside the DMA table faults (EFAULT, turned
 into VirtqError too) without any byte outside the table being touched.
 """
@@ -72,14 +72,15 @@ def walk(mem: GuestMemory, table: int, size: int, head: int, *, indirect_ok: boo
     descs = view(mem, table, size * spec.DESC_SIZE, False)
     chain = Chain(head)
     index = head
-    for count in range(1, size + 1):
+    for _ in range(size):
         addr, length, flags, nxt = spec.DESC.unpack_from(descs, index * spec.DESC_SIZE)
         if flags & spec.DESC_F_INDIRECT:
             if not indirect_ok:
                 raise VirtqError(f"chain {head}: indirect descriptor not negotiated")
-            if count != 1 or flags & (spec.DESC_F_NEXT | spec.DESC_F_WRITE):
-                # Only a lone head may point at a table (2.7.5.3.1).
-                raise VirtqError(f"chain {head}: indirect descriptor with NEXT/WRITE or not head")
+            if flags & spec.DESC_F_NEXT:
+                # Never with NEXT (2.7.5.3.1).  WRITE is ignored, and the table
+                # may end a chain of direct descriptors (2.7.5.3.2: both MUSTs).
+                raise VirtqError(f"chain {head}: indirect descriptor with NEXT")
             _walk_indirect(mem, chain, addr, length, size)
             return chain
         if length:

@@ -249,6 +249,7 @@ class PdsNvmeVf(PciDevice):
             config = bytes.fromhex(blob["config"])
             msix_table = bytes.fromhex(blob["msix_table"])
             msix_owned = blob["msix_owned"]
+            controller = blob["controller"]  # here, so a missing one is refused before any change
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             # RecursionError: a crafted stream can nest JSON arrays deeper than
             # the decoder's limit; that is bad input, not a device failure.
@@ -267,7 +268,7 @@ class PdsNvmeVf(PciDevice):
         previous = self.config.read(0, self.config.size)
         self.config.update(0, config)
         try:
-            self.controller.load_state(blob["controller"])
+            self.controller.load_state(controller)
         except OSError:
             self.config.update(0, previous)
             raise
