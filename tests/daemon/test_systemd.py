@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -150,6 +151,16 @@ def test_crash_and_restart_bring_everything_back(tmp_path: Path) -> None:
         first = None
         # what the crash leaves: a dead mirror, socket files nobody listens on
         assert mounted(d.sysfs) and all(refused(s) for s in socks)
+        # The kernel ends the FUSE connection once the dead daemon's files are
+        # released, which a loaded machine may do a little after wait() (as
+        # systemd's RestartSec leaves time for): wait for ENOTCONN.
+        for _ in range(100):
+            try:
+                os.stat(d.sysfs)
+            except OSError as e:
+                if e.errno == errno.ENOTCONN:
+                    break
+            time.sleep(0.1)
 
         second = Mdevd(tmp_path, *args, builtins=True, env=env)  # Restart=on-failure
         d = second
