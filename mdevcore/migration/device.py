@@ -25,14 +25,8 @@ import logging
 import struct
 from collections.abc import Iterable
 
-from mdevcore.migration.arcs import (
-    MIGRATION_FLAGS_KNOWN,
-    MIGRATION_PRE_COPY,
-    MIGRATION_STOP_COPY,
-    State,
-    offered,
-    plan,
-)
+from mdevcore.migration.arcs import State, offered, plan
+from mdevcore.pci.migration import MIGRATION_FLAGS_ALL, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY
 from mdevcore.vfio_user.client import Client, VfioUserError
 
 log = logging.getLogger(__name__)
@@ -102,7 +96,7 @@ class MigrationDevice:
         (flags,) = _U64.unpack_from(body)
         if not flags & MIGRATION_STOP_COPY:
             raise MigrationError(errno.ENOTTY, f"{self.name}: no STOP_COPY ({flags:#x})")
-        return flags & MIGRATION_FLAGS_KNOWN
+        return flags & MIGRATION_FLAGS_ALL
 
     @property
     def pre_copy(self) -> bool:

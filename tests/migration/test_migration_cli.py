@@ -39,22 +39,6 @@ def _migrate(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedPr
     )
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[MttyDaemon, MttyDaemon]]:
-    with short_dir() as base:
-        (base / "a").mkdir()
-        (base / "b").mkdir()
-        a = MttyDaemon(base / "a")
-        try:
-            b = MttyDaemon(base / "b")
-            try:
-                yield a, b
-            finally:
-                b.stop()
-        finally:
-            a.stop()
-
-
 def _check_success(report: dict[str, Any], memory: int) -> None:
     assert report["ok"] and not report["error"]
     assert report["rounds"] >= 1

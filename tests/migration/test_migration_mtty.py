@@ -32,22 +32,6 @@ MEM = 1 << 20
 FAST = Options(max_rounds=3, round_seconds=0.02, dirty_target=0)
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[MttyDaemon, MttyDaemon]]:
-    with short_dir() as base:
-        (base / "a").mkdir()
-        (base / "b").mkdir()
-        a = MttyDaemon(base / "a")
-        try:
-            b = MttyDaemon(base / "b")
-            try:
-                yield a, b
-            finally:
-                b.stop()
-        finally:
-            a.stop()
-
-
 def _mtty(ep: Endpoint) -> MttyWorkload:
     wl = create("mtty")
     assert isinstance(wl, MttyWorkload)
