@@ -15,6 +15,7 @@ from mdevcore.pci.mig_session import MAX_MIGRATION_BYTES
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.client import Client
 
+
 def migrate(src: Client, dst: Client) -> bytes:
     """Move the device state from ``src`` to ``dst``; returns the stream moved."""
     source, dest = MigrationDevice(src, name="source"), MigrationDevice(dst, name="destination")

@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from mdevcore.pci.device import PciDevice
 from mdevcore.pci.migration import MigState
 from mdevcore.testing import serve
-from mdevcore.testing.migrate import set_state
 from mdevcore.vfio_user.backend import (
     DEVICE_FEATURE_GET,
     DEVICE_FEATURE_MIG_DEVICE_STATE,
     DEVICE_FEATURE_MIGRATION,
     DEVICE_FEATURE_PROBE,
+    DEVICE_FEATURE_SET,
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
     IRQ_SET_ACTION_TRIGGER,
@@ -131,6 +131,12 @@ def qemu_like_session(c: Client, bars: Sequence[int], io_offsets: Sequence[int])
     _tolerant(c.set_irqs)(0, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0)
     c.reset()
     c.dma_unmap(DMA_BASE, 1 << 20)
+
+
+def set_state(c: Client, state: MigState) -> None:
+    """One MIG_DEVICE_STATE SET as written (the server walks to it): the recorded request."""
+    flags = DEVICE_FEATURE_SET | DEVICE_FEATURE_MIG_DEVICE_STATE
+    c.device_feature(flags, struct.pack("<Ii", state, -1))
 
 
 def migration_session(c: Client) -> None:
