@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.fuzz import CORPUS, REPO, TARGETS
+from tools.fuzz import CORPUS, REPO, TARGETS, dicts
 
 _DONE = re.compile(r"#(\d+)\s+(?:DONE|INITED|NEW|REDUCE|pulse)\s+cov: (\d+) ft: (\d+) corp: (\d+)")
 _EXECS = re.compile(r"stat::number_of_executed_units: (\d+)")
@@ -60,7 +61,10 @@ def run(
         args.append(f"-runs={runs}")
     if seed:
         args.append(f"-seed={seed}")
+    if dicts.write(target, str(work / f"{target}.dict")):
+        args.append(f"-dict={work / f'{target}.dict'}")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         args,
         env=env,
@@ -70,9 +74,13 @@ def run(
         text=True,
         preexec_fn=lambda: os.nice(nice),
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log = proc.stderr
     (work / "libfuzzer.log").write_text(log)
     stats: dict[str, Any] = {"returncode": proc.returncode, "cov": 0, "ft": 0, "corp": 0}
+    # CPU time, not wall time, is what "an hour of fuzzing" means on a shared
+    # machine where the run is niced below other work.
+    stats["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stats["execs"] = 0
     for line in _DONE.finditer(log):
         stats.update(execs=int(line[1]), cov=int(line[2]), ft=int(line[3]), corp=int(line[4]))
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     s = run(args.target, args.seconds, args.runs, work, args.nice, args.max_len, args.seed)
     print(
-        f"{args.target}: {s['execs']} executions in {time.monotonic() - started:.0f}s, "
+        f"{args.target}: {s['execs']} executions in {time.monotonic() - started:.0f}s "
+        f"({s['cpu']:.0f} CPU seconds), "
         f"coverage {s['cov']} edges ({s['ft']} features), corpus {s['corp']} inputs, "
         f"{len(s['findings'])} findings, libFuzzer exit {s['returncode']}"
     )
