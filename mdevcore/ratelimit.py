@@ -21,6 +21,7 @@ class _Kind:
     logged: int = 0
     suppressed: int = 0
     window_start: float = 0.0
+    summarised_at: float | None = None  # when flush() last summarised this kind
 
 
 class RateLimitedLog:
@@ -87,12 +88,17 @@ class RateLimitedLog:
 
         Without it, the last window of a flood that stopped would never be
         summarised.  Throttling goes on as before: only the suppressed count
-        restarts, so nothing is summarised twice.
+        restarts, so nothing is summarised twice.  A kind is summarised here
+        at most once per ``interval``: a client that reconnects in a loop
+        would otherwise buy a summary line per kind with every connection.
         """
         now = self.clock()
         for (src, kind), state in self._kinds.items():
             if src != source or not state.suppressed:
                 continue
+            if state.summarised_at is not None and now - state.summarised_at < self.interval:
+                continue
+            state.summarised_at = now
             self.logger.log(
                 level,
                 "%s: %s: %d more suppressed in the last %.0f s",

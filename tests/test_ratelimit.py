@@ -39,3 +39,30 @@ def test_invented_kinds_cannot_grow_memory() -> None:
         limited.log(logging.DEBUG, "dev", f"kind {i}", "x")
     assert len(limited._kinds) <= 8
     assert sum(limited.total("dev").values()) == 100
+
+
+def test_flush_summarises_a_kind_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client reconnecting in a loop gets no summary line per connection.
+
+    The soak's fuzzed device (about 13 connections a second) wrote one
+    summary per kind at every client's leaving: megabytes per ten minutes.
+    """
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("t"), burst=1, interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="t"):
+        for connection in range(100):  # 100 connections in 5 s, 5 failures each
+            now[0] = connection * 0.05
+            for _ in range(5):
+                limited.log(logging.INFO, "dev", "EINVAL", "bad")
+            limited.flush("dev")
+        summaries = [r.getMessage() for r in caplog.records if "suppressed" in r.getMessage()]
+        assert summaries == ["dev: EINVAL: 4 more suppressed in the last 0 s"]
+        caplog.clear()
+        now[0] = 10.5  # an interval after the last summary: the rest is told
+        limited.flush("dev")
+        assert [r.getMessage() for r in caplog.records] == [
+            "dev: EINVAL: 495 more suppressed in the last 10 s"
+        ]
+    assert limited.total("dev") == {"EINVAL": 500}
