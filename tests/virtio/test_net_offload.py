@@ -8,6 +8,7 @@ import struct
 import pytest
 from net_guest import WANTED
 from virtio_driver import VirtioDriver
+from virtio_guest import GuestRam
 
 from mdevcore.testing.netns import needs_netns, netns
 from mdevcore.virtio import spec
@@ -104,3 +105,31 @@ def test_internet_checksum_matches_rfc1071() -> None:
     assert offload.internet_checksum(data) == ~0xDDF2 & 0xFFFF
     assert offload.internet_checksum(b"\xff\xff") == 0
     assert offload.internet_checksum(bytes(4)) == 0xFFFF
+
+
+@needs_netns
+def test_a_migrated_driver_s_offloads_reach_the_destination_tap() -> None:
+    """load_state tells the destination's TAP what the driver takes (TUNSETOFFLOAD)."""
+    guest = spec.bit(spec.NET_F_GUEST_CSUM) | spec.bit(spec.NET_F_GUEST_TSO4)
+    with netns("ifcm") as ns:
+        src = IfcvfNetVf(NetConfig(mac=MAC), TapBackend("ifcm0", ns))
+        dst = IfcvfNetVf(NetConfig(mac=MAC), TapBackend("ifcm1", ns))
+        ram = GuestRam()
+        try:
+            src.dma_map(ram.mapping())
+            drv = VirtioDriver(src)
+            drv.negotiate(WANTED | guest)
+            for index in range(5):
+                drv.setup_queue(ram, index, 16, vector=index)
+            drv.driver_ok()
+            assert isinstance(src.backend, TapBackend) and isinstance(dst.backend, TapBackend)
+            assert src.backend.tun_offload == offload.TUN_F_CSUM | offload.TUN_F_TSO4
+            assert dst.backend.tun_offload == 0
+            dst.load_state(src.save_state())
+            assert dst.backend.tun_offload == offload.TUN_F_CSUM | offload.TUN_F_TSO4
+            drv.set_status(0)  # a device reset takes them back
+            assert src.backend.tun_offload == 0
+        finally:
+            src.close()
+            dst.close()
+            ram.close()
