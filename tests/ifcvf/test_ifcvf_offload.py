@@ -14,7 +14,8 @@ driver in this process (NetGuest over vfio-user) sends through the VF:
 
 and from B (as if a host sent a large TCP burst) one 8000-byte GSO TCP
 packet reaches a driver that took GUEST_TSO4 as one frame with a GSO
-header, and a driver that did not take it as 8 finished segments.
+header, and a driver that did not take it (or switched it off with
+CTRL_GUEST_OFFLOADS) as 8 finished segments.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ OFFLOADS = (
     | spec.bit(spec.NET_F_GUEST_CSUM)
     | spec.bit(spec.NET_F_HOST_TSO4)
     | spec.bit(spec.NET_F_GUEST_TSO4)
+    | spec.bit(spec.NET_F_CTRL_GUEST_OFFLOADS)
 )
 MSS, SEGMENTS = 1000, 8
 ETH, IP4 = 14, 20
@@ -102,6 +104,13 @@ def _l4_ok(frame: bytes) -> bool:
 def _gso_header(frame_len: int) -> bytes:
     hdr_len = ETH + IP4 + 20
     return spec.NET_HDR.pack(spec.NET_HDR_F_NEEDS_CSUM, GSO_TCPV4, hdr_len, MSS, ETH + IP4, 16, 0)
+
+
+def set_guest_offloads(g: NetGuest, offloads: int) -> int:
+    """VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET; the device's ack."""
+    return g.ctrl(
+        spec.NET_CTRL_GUEST_OFFLOADS, spec.NET_CTRL_GUEST_OFFLOADS_SET, struct.pack("<Q", offloads)
+    )
 
 
 def _read_b(fd: int, count: int, timeout: float = 5.0) -> list[tuple[bytes, bytes]]:
@@ -206,6 +215,23 @@ async def test_the_kernel_finishes_checksums_and_segments_both_ways(tmp_path: Pa
                     assert len(frame) == ETH + IP4 + 20 + MSS * SEGMENTS
                     assert vf.offload_stats.rx_gso == 1
 
+                    # 3b. The driver switches its RX offloads off (CTRL_GUEST_OFFLOADS)...
+                    assert set_guest_offloads(g, 0) == spec.NET_OK
+                    _to_vf(fd_b, mac_b)
+                    for hdr, seg, _ in g.receive_packets(RX0, SEGMENTS):
+                        assert hdr[:2] == b"\0\0" and len(seg) == ETH + IP4 + 20 + MSS
+                        assert _l4_ok(seg)
+                    # ... never to an inconsistent or unnegotiated set ...
+                    tso4, tso6 = spec.bit(spec.NET_F_GUEST_TSO4), spec.bit(spec.NET_F_GUEST_TSO6)
+                    csum = spec.bit(spec.NET_F_GUEST_CSUM)
+                    assert set_guest_offloads(g, tso4) == spec.NET_ERR  # TSO without checksum
+                    assert set_guest_offloads(g, csum | tso6) == spec.NET_ERR  # TSO6 not taken
+                    # ... and on again.
+                    assert set_guest_offloads(g, csum | tso4) == spec.NET_OK
+                    _to_vf(fd_b, mac_b)
+                    ((hdr, frame, _),) = g.receive_packets(RX0, 1)
+                    assert hdr[1] == GSO_TCPV4 and vf.offload_stats.rx_gso == 2
+
                     # 4. A driver without the offloads: the kernel segments for it.
                     g.bring_up(WANTED)
                     g.post_rx(RX0, 32, 2048)
@@ -214,7 +240,7 @@ async def test_the_kernel_finishes_checksums_and_segments_both_ways(tmp_path: Pa
                     for hdr, seg, _ in packets:
                         assert hdr[:2] == b"\0\0" and len(seg) == ETH + IP4 + 20 + MSS
                         assert _l4_ok(seg)
-                    assert vf.offload_stats.rx_gso == 1  # no more
+                    assert vf.offload_stats.rx_gso == 2  # no more
 
                     # A TX header asking for what was not negotiated is refused.
                     g.send(big, header=_gso_header(len(big)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -127,6 +128,15 @@ def test_a_migrated_driver_s_offloads_reach_the_destination_tap() -> None:
             assert dst.backend.tun_offload == 0
             dst.load_state(src.save_state())
             assert dst.backend.tun_offload == offload.TUN_F_CSUM | offload.TUN_F_TSO4
+            # What the driver switched with CTRL_GUEST_OFFLOADS travels too (as if SET ran).
+            src.control.guest_offloads = spec.bit(spec.NET_F_GUEST_CSUM)
+            dst.load_state(src.save_state())
+            assert dst.control.guest_offloads == spec.bit(spec.NET_F_GUEST_CSUM)
+            assert dst.backend.tun_offload == offload.TUN_F_CSUM
+            src.control.guest_offloads = 1 << 40  # not a GUEST_* offload: refused
+            with pytest.raises(OSError) as info:
+                dst.load_state(src.save_state())
+            assert info.value.errno == errno.EINVAL
             drv.set_status(0)  # a device reset takes them back
             assert src.backend.tun_offload == 0
         finally:

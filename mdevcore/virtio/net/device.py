@@ -59,7 +59,12 @@ NET_FEATURES = (
     | spec.bit(spec.NET_F_CTRL_MAC_ADDR)
 )
 # Features that only make sense with a control queue (5.1.3.1).
-_NEEDS_CTRL_VQ = (spec.NET_F_CTRL_RX, spec.NET_F_MQ, spec.NET_F_CTRL_MAC_ADDR)
+_NEEDS_CTRL_VQ = (
+    spec.NET_F_CTRL_RX,
+    spec.NET_F_MQ,
+    spec.NET_F_CTRL_MAC_ADDR,
+    spec.NET_F_CTRL_GUEST_OFFLOADS,
+)
 
 
 @dataclasses.dataclass(slots=True)
@@ -153,8 +158,12 @@ class VirtioNetDevice(VirtioPciDevice):
         self._rx_room.set()
         self.backend.set_offload(0)
 
+    def rx_features(self) -> int:
+        """The negotiated features with the driver's current GUEST_* offloads."""
+        return self.control.rx_features(self.common.negotiated)
+
     def on_driver_ok(self) -> None:
-        self.backend.set_offload(self.common.negotiated)
+        self.backend.set_offload(self.rx_features())
         self.deliver_rx()
 
     def on_resume(self) -> None:
@@ -209,6 +218,7 @@ class VirtioNetDevice(VirtioPciDevice):
             queue.push([(chain.head, written)])
             served = True
         if served:
+            self.backend.set_offload(self.rx_features())  # CTRL_GUEST_OFFLOADS_SET may have moved
             self.notify_used(queue)
 
     # --- receive ---------------------------------------------------------------------
@@ -249,7 +259,7 @@ class VirtioNetDevice(VirtioPciDevice):
     def _fit_rx(self, header: bytes, frame: bytes) -> tuple[bytes, bytes] | None:
         stats = self.offload_stats
         needs_csum = bool(header[0] & spec.NET_HDR_F_NEEDS_CSUM)
-        fitted = offload.fit_rx_header(header, frame, self.common.negotiated)
+        fitted = offload.fit_rx_header(header, frame, self.rx_features())
         if fitted is None:
             stats.rx_refused += 1
             return None
@@ -308,7 +318,7 @@ class VirtioNetDevice(VirtioPciDevice):
     def load_state(self, data: bytes) -> None:
         state.load(self, data)
         if self.driver_ok:  # the backend hands over what the migrated driver takes
-            self.backend.set_offload(self.common.negotiated)
+            self.backend.set_offload(self.rx_features())
 
     def on_close(self) -> None:
         self.backend.close()

@@ -8,6 +8,10 @@ same towards the driver.  A backend that passes the header through (a
 TAP with IFF_VNET_HDR) lets the host kernel do the work, so the device
 offers these features only with such a backend.
 
+A driver that negotiated CTRL_GUEST_OFFLOADS may switch its GUEST_*
+offloads off and on again (control.py); the RX side then follows the
+current set, not the negotiated one.
+
 Everything here is pure: the device checks each TX header from the guest
 against what was negotiated (a header the device could not honour is
 refused, the frame dropped), and makes each RX header fit what the
@@ -34,8 +38,18 @@ REQUIRES: dict[int, tuple[int, ...]] = {
     spec.NET_F_HOST_ECN: (spec.NET_F_HOST_TSO4, spec.NET_F_HOST_TSO6),  # either
 }
 
+# The offloads a driver may switch at run time (CTRL_GUEST_OFFLOADS, 5.1.6.5.6).
+GUEST_OFFLOADS = (
+    spec.bit(spec.NET_F_GUEST_CSUM)
+    | spec.bit(spec.NET_F_GUEST_TSO4)
+    | spec.bit(spec.NET_F_GUEST_TSO6)
+    | spec.bit(spec.NET_F_GUEST_ECN)
+    | spec.bit(spec.NET_F_GUEST_UFO)
+)
+
 OFFLOAD_FEATURES = (
     spec.bit(spec.NET_F_CSUM)
+    | spec.bit(spec.NET_F_CTRL_GUEST_OFFLOADS)
     | spec.bit(spec.NET_F_GUEST_CSUM)
     | spec.bit(spec.NET_F_HOST_TSO4)
     | spec.bit(spec.NET_F_HOST_TSO6)

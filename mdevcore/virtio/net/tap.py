@@ -10,7 +10,9 @@ where it has to (forwarding, or an interface without them), and, once
 the driver's features are known (TUNSETOFFLOAD from ``set_offload``:
 TUN_F_CSUM/TSO4/TSO6/TSO_ECN for GUEST_CSUM/TSO4/TSO6/ECN), hands over
 large TCP segments and unfinished checksums itself.  So the device
-offers CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6 and ECN with this backend.
+offers CSUM, GUEST_CSUM, HOST_/GUEST_TSO4/6 and ECN with this backend,
+and CTRL_GUEST_OFFLOADS (the driver switching its RX offloads at run
+time is one more TUNSETOFFLOAD).
 ``vnet_hdr=False`` gives bare frames and no offloads.
 
 The TAP may be placed in a network namespace (``netns``: a name under
