@@ -44,12 +44,12 @@ import os
 import random
 import select
 import socket
-import struct
 import time
 from typing import Any
 
 from mdevcore.migration.guest_memory import GuestMemory
 from mdevcore.migration.workload import WorkloadMismatch, register
+from mdevcore.migration.workloads import virtio_net_frames as frames
 from mdevcore.migration.workloads.virtio_net_driver import Ring, VirtioPciDriver
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.client import Client
@@ -70,29 +70,11 @@ FEATURES = (
     | spec.bit(spec.NET_F_STATUS)
     | spec.bit(spec.NET_F_MRG_RXBUF)
 )
-ETH_IPV4, ETH_ARP = b"\x08\x00", b"\x08\x06"
-BROADCAST = b"\xff" * 6
 MAX_RECORDED = 50  # mismatch messages kept
 # Answered numbers remembered for duplicate detection; an older number's
 # reply is "unknown", a mismatch all the same.
 DEDUP_SPAN = 4096
 _TRIGGER = vfio.IRQ_SET_DATA_EVENTFD | vfio.IRQ_SET_ACTION_TRIGGER
-
-
-def checksum(data: bytes) -> int:
-    """RFC 1071 (2**16 is 1 modulo 0xFFFF: the words' sum is the number modulo 0xFFFF)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = int.from_bytes(data, "big") % 0xFFFF
-    if total == 0 and any(data):
-        total = 0xFFFF
-    return ~total & 0xFFFF
-
-
-def payload(seed: int, seq: int) -> bytes:
-    """What request ``seq`` carries: its number, then bytes only it has."""
-    rng = random.Random(seed * 1_000_003 + seq)
-    return struct.pack(">Q", seq) + rng.randbytes(8 + rng.randrange(1392))
 
 
 @dataclasses.dataclass(slots=True)
@@ -186,26 +168,22 @@ class VirtioNetWorkload:
                     errno.EHOSTUNREACH,
                     f"virtio_net workload: no ARP reply from {socket.inet_ntoa(self.addr.peer_ip)}",
                 )
-            self._send_arp(1, BROADCAST, bytes(6), self.addr.peer_ip)
+            self._send_arp(frames.ARP_REQUEST, frames.BROADCAST, bytes(6), self.addr.peer_ip)
             self._poll(0.5)
 
     # --- frames -----------------------------------------------------------------------
 
     def _send_arp(self, op: int, dst: bytes, target_mac: bytes, target_ip: bytes) -> None:
         a = self.addr
-        arp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, op) + a.mac + a.ip + target_mac + target_ip
-        self._transmit(dst + a.mac + ETH_ARP + arp)
+        self._transmit(frames.arp(op, dst, a.mac, a.ip, target_mac, target_ip))
 
     def _send_echo(self, seq: int) -> None:
         a = self.addr
         assert a.peer_mac is not None
-        icmp = struct.pack(">BBHHH", 8, 0, 0, self.ident, seq & 0xFFFF) + payload(self.seed, seq)
-        icmp = icmp[:2] + struct.pack(">H", checksum(icmp)) + icmp[4:]
-        head = struct.pack(
-            ">BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq & 0xFFFF, 0, 64, 1, 0, a.ip, a.peer_ip
+        data = frames.payload(self.seed, seq)
+        self._transmit(
+            frames.echo_request(a.peer_mac, a.mac, a.ip, a.peer_ip, self.ident, seq, data)
         )
-        head = head[:10] + struct.pack(">H", checksum(head)) + head[12:]
-        self._transmit(a.peer_mac + a.mac + ETH_IPV4 + head + icmp)
         self.in_flight[seq] = time.monotonic()
         self.counters["sent"] += 1
 
@@ -270,25 +248,19 @@ class VirtioNetWorkload:
     def _frame(self, frame: bytes) -> None:
         self.counters["rx_frames"] += 1
         a = self.addr
-        if len(frame) < 14 or frame[:6] not in (a.mac, BROADCAST):
-            return
-        kind, body = frame[12:14], frame[14:]
-        if kind == ETH_ARP and len(body) >= 28:
-            op = struct.unpack(">H", body[6:8])[0]
-            sender_mac, sender_ip, target_ip = body[8:14], body[14:18], body[24:28]
-            if sender_ip == a.peer_ip:
-                a.peer_mac = sender_mac
-            if op == 1 and target_ip == a.ip:
-                self._send_arp(2, sender_mac, sender_mac, sender_ip)
+        event = frames.parse(frame, a.mac, self.ident)
+        if isinstance(event, frames.Arp):
+            if event.sender_ip == a.peer_ip:
+                a.peer_mac = event.sender_mac
+            if event.op == frames.ARP_REQUEST and event.target_ip == a.ip:
+                mac, ip = event.sender_mac, event.sender_ip
+                self._send_arp(frames.ARP_REPLY, mac, mac, ip)
                 self.counters["arp_replies"] += 1
-        elif kind == ETH_IPV4 and len(body) >= 28 and body[9] == 1:
-            hl = (body[0] & 15) * 4
-            icmp = body[hl : struct.unpack(">H", body[2:4])[0]]
-            if len(icmp) >= 16 and icmp[0] == 0 and struct.unpack(">H", icmp[4:6])[0] == self.ident:
-                self._echo_reply(icmp)
+        elif isinstance(event, frames.EchoReply):
+            self._echo_reply(event)
 
-    def _echo_reply(self, icmp: bytes) -> None:
-        (seq,) = struct.unpack(">Q", icmp[8:16])
+    def _echo_reply(self, reply: frames.EchoReply) -> None:
+        seq = reply.seq
         if seq in self.answered:
             self.counters["duplicates"] += 1
             self._mismatch(f"reply {seq} twice")
@@ -298,7 +270,7 @@ class VirtioNetWorkload:
             self.counters["unknown"] += 1
             self._mismatch(f"reply to {seq}, never sent (next {self.next_seq})")
             return
-        if icmp[8:] != payload(self.seed, seq) or checksum(icmp) != 0:
+        if reply.data != frames.payload(self.seed, seq) or frames.checksum(reply.icmp) != 0:
             self.counters["corrupted"] += 1
             self._mismatch(f"reply {seq} differs from its request")
             return
@@ -394,7 +366,7 @@ class VirtioNetWorkload:
         self.quiesced = False
         self._wire_irqs()  # the VMM re-creates its irqfds on the destination
         # Announce (a gratuitous ARP): the switch learns where the MAC went.
-        self._send_arp(1, BROADCAST, bytes(6), self.addr.ip)
+        self._send_arp(frames.ARP_REQUEST, frames.BROADCAST, bytes(6), self.addr.ip)
         self._poll(0)
 
     # --- checking -------------------------------------------------------------------------
