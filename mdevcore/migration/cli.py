@@ -1,6 +1,6 @@
 """``mdevd migrate``: live-migrate a vfio-user device between two servers.
 
-mdevd migrate --src SOCK --dst SOCK [--workload mtty|nvme|none] [--memory 64M] [--json]
+mdevd migrate --src SOCK --dst SOCK [--workload mtty|nvme|virtio_net|none] [--memory 64M] [--json]
 mdevd migrate send --src SOCK --to tcp:HOST:PORT|unix:PATH [...]
 mdevd migrate receive --dst SOCK --listen tcp:HOST:PORT|unix:PATH [...]
 
@@ -57,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _source_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, help="source device's vfio-user socket")
-    p.add_argument("--workload", default="mtty", help="mtty, nvme or none (default mtty)")
+    p.add_argument("--workload", default="mtty", help="mtty, nvme, virtio_net, none (default mtty)")
     p.add_argument("--warmup", type=float, default=0.3, metavar="S", help="workload before")
     p.add_argument("--max-rounds", type=int, default=10)
     p.add_argument("--round-seconds", type=float, default=0.05)

@@ -97,9 +97,12 @@ class NetGuest:
 
     # --- traffic -----------------------------------------------------------------------
 
-    def send(self, data: bytes, index: int = TX0) -> None:
+    def send(self, data: bytes, index: int = TX0, header: bytes | None = None) -> None:
+        """One frame behind ``header`` (12 bytes; zeros: no offload)."""
+        header = bytes(spec.NET_HDR_SIZE) if header is None else header
+        assert len(header) == spec.NET_HDR_SIZE
         buf = self.ram.alloc(spec.NET_HDR_SIZE + len(data))
-        self.ram.write(buf, bytes(spec.NET_HDR_SIZE) + data)
+        self.ram.write(buf, header + data)
         self.q(index).add([(buf, spec.NET_HDR_SIZE + len(data), False)])
         self.drv.kick(index)
 
@@ -120,9 +123,15 @@ class NetGuest:
 
     def receive(self, index: int, count: int, timeout: float = 5.0) -> list[tuple[bytes, int]]:
         """``count`` frames from RX queue ``index`` as (frame, num_buffers)."""
+        return [(f, n) for _, f, n in self.receive_packets(index, count, timeout)]
+
+    def receive_packets(
+        self, index: int, count: int, timeout: float = 5.0
+    ) -> list[tuple[bytes, bytes, int]]:
+        """``count`` frames from RX queue ``index`` as (header, frame, num_buffers)."""
         q = self.q(index)
         entries: list[tuple[int, int]] = []
-        frames: list[tuple[bytes, int]] = []
+        frames: list[tuple[bytes, bytes, int]] = []
         deadline = time.monotonic() + timeout
         while len(frames) < count:
             entries += q.reap()
@@ -138,7 +147,7 @@ class NetGuest:
                     self.ram.read(self.rx_buffers[index].pop(h), n) for h, n in entries[:nbuf]
                 )
                 del entries[:nbuf]
-                frames.append((data[spec.NET_HDR_SIZE :], nbuf))
+                frames.append((data[: spec.NET_HDR_SIZE], data[spec.NET_HDR_SIZE :], nbuf))
             if len(frames) >= count:
                 break
             left = deadline - time.monotonic()

@@ -21,7 +21,7 @@ BACKPORTS = f"{SUITE}-backports"
 ROOTFS_FORMAT = 1
 # Bump when the base initramfs (its /init or contents) changes; this only
 # rebuilds the initramfs, not the chroot.
-INITRAMFS_FORMAT = 3
+INITRAMFS_FORMAT = 4
 
 BASE_PACKAGES = (
     "linux-image-amd64",
@@ -39,8 +39,9 @@ BACKPORT_PACKAGES = ("qemu-system-x86", "qemu-system-data", "qemu-system-common"
 # Wanted by storage tests, but a lab without them is still useful.
 OPTIONAL_PACKAGES = ("fio", "nvme-cli")
 
-# Guest kernel modules put in the base initramfs (with their dependencies).
-GUEST_MODULES = ("nvme",)
+# Guest kernel modules put in the base initramfs (with their dependencies:
+# virtio_net brings net_failover and failover).
+GUEST_MODULES = ("nvme", "virtio_net")
 # Binaries (chroot paths or names on the chroot's PATH) in the base initramfs.
 BASE_BINARIES = ("lspci", "setpci")
 GUEST_DATA_FILES = ("/usr/share/misc/pci.ids",)

@@ -1,6 +1,9 @@
 """Frame backends: the wire behind a virtio-net device.
 
-A backend carries whole Ethernet frames (no virtio header).  The one here
+A backend carries whole Ethernet frames.  One with ``vnet_hdr`` set
+carries each frame behind a 12-byte virtio_net_hdr (the TAP backend, for
+the offloads it lists in ``offloads``: see offload.py); the others carry
+bare frames and offer no offloads.  The one here
 is a UNIX datagram socket: each datagram is one frame, so two devices
 given the two ends of ``socketpair()`` are cabled back to back (VF-to-VF
 loopback), and a test or a tool holding one end is the "other host".  It
@@ -33,6 +36,11 @@ class BackendStats:
 
 class FrameBackend(Protocol):
     stats: BackendStats
+    vnet_hdr: bool  # frames are virtio_net_hdr (12 bytes) + Ethernet frame, both ways
+    offloads: int  # virtio-net feature bits the backend can honour (offload.OFFLOAD_FEATURES)
+
+    def set_offload(self, features: int) -> None:
+        """The negotiated features: what the backend may hand over in its headers."""
 
     def send(self, frame: bytes) -> None: ...
 
@@ -53,6 +61,13 @@ class DatagramBackend:
         sock.setblocking(False)
         self.sock = sock
         self.stats = BackendStats()
+        # Bare frames: the peer may be a driver that did not take the offloads,
+        # and nothing here would checksum or segment for it.
+        self.vnet_hdr = False
+        self.offloads = 0
+
+    def set_offload(self, features: int) -> None:
+        pass
 
     def send(self, frame: bytes) -> None:
         try:

@@ -13,6 +13,7 @@ import dataclasses
 import struct
 
 from mdevcore.virtio import spec
+from mdevcore.virtio.net import offload
 
 BROADCAST = b"\xff" * 6
 MAX_MAC_TABLE = 64  # entries per table; more is refused (the driver falls back)
@@ -48,6 +49,16 @@ class NetControl:
     filter: RxFilter
     max_pairs: int
     pairs: int = 1
+    # GUEST_* offloads the driver set with CTRL_GUEST_OFFLOADS_SET; None: as
+    # negotiated (every negotiated offload is on until the driver says, 5.1.6.5.6.2).
+    guest_offloads: int | None = None
+
+    def rx_features(self, negotiated: int) -> int:
+        """``negotiated`` with the GUEST_* bits the driver has switched on now."""
+        if self.guest_offloads is None:
+            return negotiated
+        # (masked again: a migration stream's value is checked for its bits only)
+        return negotiated & ~offload.GUEST_OFFLOADS | self.guest_offloads & negotiated
 
     def execute(self, request: bytes, features: int) -> int:
         """Run one command; returns NET_OK or NET_ERR."""
@@ -77,7 +88,24 @@ class NetControl:
                 return spec.NET_ERR
             self.pairs = pairs
             return spec.NET_OK
+        if (
+            cls == spec.NET_CTRL_GUEST_OFFLOADS
+            and cmd == spec.NET_CTRL_GUEST_OFFLOADS_SET
+            and has(spec.NET_F_CTRL_GUEST_OFFLOADS)
+        ):
+            return self._guest_offloads(data, features)
         return spec.NET_ERR
+
+    def _guest_offloads(self, data: bytes, features: int) -> int:
+        if len(data) != 8:
+            return spec.NET_ERR
+        (wanted,) = struct.unpack("<Q", data)
+        # Only offloads negotiated (5.1.6.5.6.1), and a set that holds
+        # together (TSO needs the checksum offload it builds on).
+        if wanted & ~(features & offload.GUEST_OFFLOADS) or offload.features_problem(wanted):
+            return spec.NET_ERR
+        self.guest_offloads = wanted
+        return spec.NET_OK
 
     def _rx_mode(self, cmd: int, data: bytes) -> int:
         # ALLUNI/NOMULTI/NOUNI/NOBCAST need CTRL_RX_EXTRA, which is not offered.

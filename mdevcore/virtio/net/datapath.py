@@ -1,9 +1,10 @@
 """The virtio-net datapath: TX chains to frames, frames into RX buffers.
 
 TX (5.1.6.2): each chain is a virtio_net_hdr followed by the frame, all
-device-readable.  No offloads are offered, so the header carries nothing
-the device must act on; a chain shorter than the header, or longer than a
-64 KiB frame, is dropped (returned unused) rather than sent.
+device-readable.  The whole packet, header included, goes to ``send``
+(the device decides whether the header travels on: offload.py); a chain
+shorter than the header, or longer than a 64 KiB frame, is dropped
+(returned unused) rather than sent.
 
 RX (5.1.6.3, 5.1.6.4): the frame, prefixed by a header whose num_buffers
 says how many chains it took.  With VIRTIO_NET_F_MRG_RXBUF a frame spans
@@ -30,14 +31,18 @@ def drain_tx(mem: GuestMemory, queue: SplitQueue, send: Callable[[bytes], None])
     while (chain := queue.pop()) is not None:
         length = chain.readable_len
         if spec.NET_HDR_SIZE <= length <= spec.NET_HDR_SIZE + MAX_TX_FRAME:
-            send(gather(mem, chain, spec.NET_HDR_SIZE + MAX_TX_FRAME)[spec.NET_HDR_SIZE :])
+            send(gather(mem, chain, spec.NET_HDR_SIZE + MAX_TX_FRAME))
         queue.push([(chain.head, 0)])
         used += 1
     return used
 
 
-def rx_header(num_buffers: int) -> bytes:
-    return spec.NET_HDR.pack(0, spec.NET_HDR_GSO_NONE, 0, 0, 0, 0, num_buffers)
+NO_OFFLOAD = bytes(spec.NET_HDR_SIZE - 2)  # flags 0, GSO_NONE: a plain frame
+
+
+def rx_header(num_buffers: int, base: bytes = NO_OFFLOAD) -> bytes:
+    """``base`` (the header's first 10 bytes) with num_buffers."""
+    return base + num_buffers.to_bytes(2, "little")
 
 
 def _rx_chain(queue: SplitQueue) -> Chain | None:
@@ -47,8 +52,10 @@ def _rx_chain(queue: SplitQueue) -> Chain | None:
     return chain
 
 
-def place_rx(mem: GuestMemory, queue: SplitQueue, frame: bytes, mergeable: bool) -> bool | None:
-    """Put ``frame`` into ``queue``'s buffers.
+def place_rx(
+    mem: GuestMemory, queue: SplitQueue, frame: bytes, mergeable: bool, header: bytes = NO_OFFLOAD
+) -> bool | None:
+    """Put ``frame`` into ``queue``'s buffers, behind ``header`` (10 bytes) + num_buffers.
 
     True: delivered.  None: not enough buffers yet (nothing consumed; try
     again after the driver adds some).  False: it can never fit (without
@@ -67,7 +74,7 @@ def place_rx(mem: GuestMemory, queue: SplitQueue, frame: bytes, mergeable: bool)
         if not mergeable and room < need:
             queue.unpop(len(chains))
             return False
-    data = rx_header(len(chains)) + frame
+    data = rx_header(len(chains), header) + frame
     used = []
     offset = 0
     for chain in chains:

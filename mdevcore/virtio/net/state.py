@@ -9,8 +9,9 @@ The stream is ``STATE_MAGIC`` + JSON:
   config generation, MSI-X vectors, every queue's addresses and
   avail/used indices);
 - ``net``: the host-set MAC, link state, the receive filter the driver
-  programmed (its MAC, promiscuous/all-multicast, the MAC tables) and the
-  active queue pairs;
+  programmed (its MAC, promiscuous/all-multicast, the MAC tables), the
+  active queue pairs and the GUEST_* offloads it switched on (null: as
+  negotiated);
 - ``config`` and ``msix_table``/``msix_owned``: PCI config space and the
   MSI-X table.
 
@@ -25,6 +26,7 @@ import errno
 import json
 from typing import TYPE_CHECKING, Any
 
+from mdevcore.virtio.net import offload
 from mdevcore.virtio.net.control import MAX_MAC_TABLE, NetControl, RxFilter
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ def save(dev: VirtioNetDevice) -> bytes:
             "unicast": [m.hex() for m in f.unicast],
             "multicast": [m.hex() for m in f.multicast],
             "pairs": dev.control.pairs,
+            "guest_offloads": dev.control.guest_offloads,
         },
         "config": dev.config.read(0, dev.config.size).hex(),
         "msix_table": dev.msix_table.snapshot().hex(),
@@ -96,6 +99,11 @@ def load(dev: VirtioNetDevice, data: bytes) -> None:
         pairs = net["pairs"]
         if type(pairs) is not int or not 1 <= pairs <= dev.net.max_pairs:
             raise ValueError(f"queue pairs {pairs!r}")
+        guest_offloads = net.get("guest_offloads")  # absent from older streams: as negotiated
+        if guest_offloads is not None and (
+            type(guest_offloads) is not int or guest_offloads & ~offload.GUEST_OFFLOADS
+        ):
+            raise ValueError(f"guest offloads {guest_offloads!r}")
         config = bytes.fromhex(blob["config"])
         msix_table = bytes.fromhex(blob["msix_table"])
         msix_owned = _flag(blob["msix_owned"])
@@ -117,7 +125,10 @@ def load(dev: VirtioNetDevice, data: bytes) -> None:
         raise
     dev.net = dataclasses.replace(dev.net, mac=mac)  # not set_mac: no new config generation
     dev.control = NetControl(
-        RxFilter(filter_mac, promisc, allmulti, unicast, multicast), dev.net.max_pairs, pairs
+        RxFilter(filter_mac, promisc, allmulti, unicast, multicast),
+        dev.net.max_pairs,
+        pairs,
+        guest_offloads,
     )
     dev.link_up = link_up
     dev.msix_table.restore(msix_table)
