@@ -13,7 +13,10 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
+
+# What a record of (source, kind) carries for structured logs (``extra=``).
+Fields = Callable[[Hashable, str], Mapping[str, object]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -35,8 +38,10 @@ class RateLimitedLog:
         interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         max_kinds: int = 4096,
+        fields: Fields | None = None,
     ) -> None:
         self.logger = logger
+        self.fields = fields  # e.g. device and event, for mdevd's JSON log
         self.burst = burst
         self.interval = interval
         self.clock = clock
@@ -75,11 +80,12 @@ class RateLimitedLog:
                     kind,
                     state.suppressed,
                     now - state.window_start,
+                    extra=self._extra(source, kind),
                 )
             state.logged, state.suppressed, state.window_start = 0, 0, now
         if state.logged < self.burst:
             state.logged += 1
-            self.logger.log(level, msg, *args, exc_info=exc_info)
+            self.logger.log(level, msg, *args, exc_info=exc_info, extra=self._extra(source, kind))
         else:
             state.suppressed += 1
 
@@ -106,8 +112,12 @@ class RateLimitedLog:
                 kind,
                 state.suppressed,
                 now - state.window_start,
+                extra=self._extra(src, kind),
             )
             state.suppressed = 0
+
+    def _extra(self, source: Hashable, kind: str) -> Mapping[str, object] | None:
+        return None if self.fields is None else self.fields(source, kind)
 
     def total(self, source: Hashable) -> dict[str, int]:
         """Every kind counted for ``source`` (for sysfs attributes and status)."""

@@ -87,8 +87,11 @@ def register_plugins(
                 _register(core, p.name, p.location, p.driver(opts), d.source)
             elif p.host is not None:
                 hosts.append(p.host(opts, run_dir))
-        except OSError:
-            raise
+        except OSError as e:
+            if e.filename is not None or not e.strerror:
+                raise  # a path: mdevd's error line says what the path is for
+            reason = e.strerror.removeprefix(f"{p.name}: ")
+            raise OSError(e.errno, f"cannot set up parent plug-in {p.name}: {reason}") from None
         except Exception as e:
             raise OSError(errno.EIO, f"parent plug-in {p.name} ({d.source}): {e!r}") from None
         log.info("parent plug-in %s (%s) registered", p.name, d.source)

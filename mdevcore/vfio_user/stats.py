@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Hashable, Mapping
 from typing import Protocol
 
 from mdevcore.ratelimit import RateLimitedLog
@@ -35,6 +36,15 @@ def failure_kind(errno_value: int, command: int) -> str:
     """The counter a failed request goes to, e.g. "EINVAL REGION_READ"."""
     name = errno.errorcode.get(errno_value, "E?")
     return f"{name} {_COMMAND_NAMES.get(command, 'UNKNOWN')}"
+
+
+def log_fields(device: Hashable, kind: str) -> Mapping[str, object]:
+    """What mdevd's JSON log shows of a record: the device, the kind, its errno."""
+    fields: dict[str, object] = {"device": str(device), "event": kind}
+    code = kind.partition(" ")[0]
+    if code in errno.errorcode.values():
+        fields["errno"] = code
+    return fields
 
 
 class Counted(Protocol):
@@ -65,9 +75,9 @@ class DeviceStats:
         self.clients = 0
         self._requests_done = 0  # by detached connections
         self._live: list[Counted] = []
-        self._errors = RateLimitedLog(logger, burst=burst, interval=interval)
+        self._errors = RateLimitedLog(logger, burst=burst, interval=interval, fields=log_fields)
         # Connection lifecycle lines: throttled alike, not counted as errors.
-        self._events = RateLimitedLog(logger, burst=burst, interval=interval)
+        self._events = RateLimitedLog(logger, burst=burst, interval=interval, fields=log_fields)
 
     def attach(self, conn: Counted) -> None:
         self._live.append(conn)
