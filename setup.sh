@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 # The entry points are checked too: an install from before the plug-ins had none.
-if ! .venv/bin/python -c 'import mdevcore, pyfuse3, trio, construct, pytest_trio, hypothesis, cffi
+if ! .venv/bin/python -c 'import mdevcore, pyfuse3, trio, construct, pytest_trio, hypothesis, cffi, build, twine
 from importlib.metadata import entry_points
 assert {"mtty", "pds"} <= set(entry_points(group="mdevcore.parents").names)' 2>/dev/null; then
     echo "setup: installing Python packages into .venv"

@@ -10,17 +10,22 @@
 
 Numbers accept 0x prefixes.  Exit status: 0 when done, 1 on any error
 (bad arguments, a socket that cannot be reached, a request the server
-refused: its errno is printed).
+refused: its errno is printed).  An error line says what failed and on
+what: ``vfio-user-cli: error: cannot connect to SOCKET: REASON``, ``...:
+read 4 bytes of region 0 at 0xfff on SOCKET: REGION_READ: Invalid argument
+(EINVAL)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from mdevcore import __version__
 from mdevcore.vfio_user.backend import (
     DEVICE_FLAGS_PCI,
     DEVICE_FLAGS_RESET,
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vfio-user-cli", description="Talk to a vfio-user device socket.", epilog=EXIT_STATUS
     )
+    p.add_argument("--version", action="version", version=f"vfio-user-cli {__version__}")
     p.add_argument("socket", help="path of the device's UNIX socket")
     sub = p.add_subparsers(dest="command", required=True)
     commands: dict[str, Callable[[Client, argparse.Namespace], None]] = {
@@ -196,17 +202,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def operation(args: argparse.Namespace) -> str:
+    """What the command does, for its error line ("read 4 bytes of region 0 at 0x10")."""
+    if args.command == "read":
+        return f"read {args.count} bytes of region {args.region} at {args.offset:#x}"
+    if args.command == "write":
+        return f"write region {args.region} at {args.offset:#x}"
+    return {"info": "get the device info", "regions": "list the regions",
+            "irqs": "list the IRQs", "reset": "reset the device",
+            "config": "read config space"}.get(args.command, args.command)  # fmt: skip
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        text = e.strerror or os.strerror(e.errno or 0)
+        name = errno.errorcode.get(e.errno or 0)
+        return f"{text} ({name})" if name else text
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or bad arguments (1)
+    except SystemExit as e:  # --help, --version (0) or bad arguments (1)
         return e.code if isinstance(e.code, int) else 1
+    doing = f"cannot connect to {args.socket}"
     try:
         with Client(args.socket, timeout=10.0) as client:
+            doing = f"cannot negotiate with {args.socket}"
             client.negotiate()
+            doing = f"{operation(args)} on {args.socket}"
             args.fn(client, args)
     except (ValueError, OSError, EOFError) as e:  # ValueError: e.g. HEX that is not hex
-        print(f"vfio-user-cli: {e}", file=sys.stderr)
+        print(f"vfio-user-cli: error: {doing}: {_reason(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,19 +14,12 @@ import pytest
 
 from mdevcore.newparent import generate
 
+from kit_venv import WheelVenv, run
+
 pytestmark = pytest.mark.qemu
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 NAME = "kitdev"
 TYPES = f"devices/virtual/{NAME}/{NAME}/mdev_supported_types/{NAME}-1"
-
-
-def run(*argv: str | Path, timeout: float = 600) -> str:
-    r = subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert r.returncode == 0, f"{argv}: {r.stdout}\n{r.stderr}"
-    return r.stdout
 
 
 def wait_ready(proc: subprocess.Popen[bytes]) -> None:
@@ -44,21 +35,11 @@ def wait_ready(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A fresh venv holding mdevcore and the generated parent (both real installs)."""
-    base = tmp_path_factory.mktemp("kit")
-    package = generate(NAME, base)
-    env_dir = base / "venv"
-    run(sys.executable, "-m", "venv", env_dir)
-    pip = env_dir / "bin" / "pip"
-    # From a copy: building in place would leave build/ in the checkout.
-    source = base / "mdevcore-src"
-    shutil.copytree(
-        CHECKOUT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info")
-    )
-    run(pip, "install", "-q", "--disable-pip-version-check", source)
-    run(pip, "install", "-q", "--disable-pip-version-check", f"{package}[test]")
-    return env_dir, package
+def venv(wheel_venv: WheelVenv, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The session's fresh venv (mdevcore from its wheel) and the generated parent in it."""
+    package = generate(NAME, tmp_path_factory.mktemp("kit"))
+    wheel_venv.pip_install(f"{package}[test]")
+    return wheel_venv.dir, package
 
 
 def test_generated_parent_passes_its_own_unit_tests(venv: tuple[Path, Path]) -> None:
