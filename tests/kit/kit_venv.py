@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 CHECKOUT = Path(__file__).resolve().parents[2]
 PIP = ("-m", "pip", "install", "-q", "--disable-pip-version-check")
 

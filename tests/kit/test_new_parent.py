@@ -11,10 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from kit_venv import WheelVenv, run
 
 from mdevcore.newparent import generate
-
-from kit_venv import WheelVenv, run
 
 pytestmark = pytest.mark.qemu
 
