@@ -60,7 +60,8 @@ def test_the_file_sets_options_and_flags_win(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ('# mdevd\nrun_dir = "/run/x"\n',
-         "{path}:2: run_dir: unknown key (did you mean 'run-dir'?); the keys are mdevd serve's flags"),
+         "{path}:2: run_dir: unknown key (did you mean 'run-dir'?); "
+         "the keys are mdevd serve's flags"),
         ('sysfs = "/s"\ntransport = 5\n',
          "{path}:2: transport: expected a string, not an integer (5)"),
         ('log-format = "xml"\n',

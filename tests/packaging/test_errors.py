@@ -76,5 +76,6 @@ def test_vfio_user_cli_says_what_it_could_not_reach(
     os.mkfifo(tmp_path / "fifo")  # not a socket at all
     assert vfio_user_cli([str(tmp_path / "fifo"), "read", "0", "0", "4"]) == 1
     assert capsys.readouterr().err == (
-        f"vfio-user-cli: error: cannot connect to {tmp_path}/fifo: Connection refused (ECONNREFUSED)\n"
+        f"vfio-user-cli: error: cannot connect to {tmp_path}/fifo: "
+        "Connection refused (ECONNREFUSED)\n"
     )
