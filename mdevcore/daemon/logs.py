@@ -4,10 +4,11 @@
 object per line::
 
     {"time": "2026-12-02T01:50:00.123Z", "level": "warning",
-     "logger": "mdevcore.vfio_user", "message": "dev#3: EINVAL REGION_READ ...",
-     "device": "dev", "client": 3, "event": "EINVAL REGION_READ", "errno": "EINVAL"}
+     "logger": "mdevcore.vfio_user", "message": "mdev 5f1c... (mtty-1)#3: msg 0x2 ...",
+     "device": "5f1c...", "client": 3, "event": "EINVAL REGION_READ", "errno": "EINVAL"}
 
-``device``, ``client``, ``event`` and ``errno`` appear where known: from
+``device`` (a UUID or PCI address), ``client`` (the connection's number),
+``event`` and ``errno`` appear where known: from
 fields a record carries (``extra={"device": ...}``, as
 :class:`mdevcore.vfio_user.stats.DeviceStats` passes them), else from a
 message that starts with a vfio-user connection's name (``DEVICE#N:``).
@@ -42,8 +43,11 @@ _PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
-# "dev#3: ..." or "0000:60:00.1#12: ...": a vfio-user connection's name.
-_CONNECTION = re.compile(r"(?P<device>[^\s#]+)#(?P<client>\d+):")
+# "mdev UUID (mtty-1)#3: ...", "pds VF 0000:60:00.1#12: ...": a vfio-user
+# connection's name is its device's name, '#' and the client's number.
+_CONNECTION = re.compile(r"(?P<device>[^#]+)#(?P<client>\d+):")
+# A device's name ends in its identifier, maybe with its type after it.
+_TYPE_SUFFIX = re.compile(r"\s*\([^()]*\)$")
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _JOURNAL_TEXT = "%(name)s: %(message)s"
 
@@ -54,6 +58,12 @@ def priority(levelno: int) -> int:
         if levelno >= level:
             return _PRIORITY[level]
     return 7
+
+
+def device_id(name: str) -> str:
+    """A device's UUID or PCI address from its name ("mdev UUID (mtty-1)", "pds VF BDF")."""
+    words = _TYPE_SUFFIX.sub("", name).split()
+    return words[-1] if words else name
 
 
 def fields(record: logging.LogRecord, message: str) -> dict[str, object]:
@@ -67,6 +77,8 @@ def fields(record: logging.LogRecord, message: str) -> dict[str, object]:
         value = record.__dict__.get(name)
         if value is not None:
             found[name] = value
+    if "device" in found:
+        found["device"] = device_id(str(found["device"]))
     return found
 
 
