@@ -128,3 +128,10 @@ def test_a_bad_file_stops_mdevd_with_exit_2(tmp_path: Path) -> None:
         f"mdevd: error: {path}:3: parents.pds.doorbels: pds takes no 'doorbels' "
         "(it takes: backing_dir, doorbells, ns_size, pf, total_vfs)\n"
     )
+
+
+def test_the_example_file_in_contrib_is_accepted() -> None:
+    example = Path(__file__).resolve().parents[2] / "contrib" / "mdevd.toml"
+    args = _args(example)
+    assert args.run_dir == Path("/run/mdevd") and args.sysfs == Path("/run/mdevd/sys")
+    assert args.parent_opt == ["pds.backing_dir=/var/lib/mdevd/pds", "pds.doorbells=trapped"]
