@@ -71,7 +71,10 @@ def test_clear_errors_not_tracebacks(tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 1
-    assert r.stderr.strip() == f"mdevd: error: {not_dir} is not a directory"
+    assert (
+        r.stderr.strip()
+        == f"mdevd: error: cannot mount the sysfs mirror at {not_dir}: not a directory"
+    )
 
     d = Mdevd(tmp_path)
     try:
@@ -82,7 +85,10 @@ def test_clear_errors_not_tracebacks(tmp_path: Path) -> None:
             check=False,
         )
         assert r.returncode == 1
-        assert r.stderr.strip() == f"mdevd: error: {d.sysfs} is busy (already a mount point)"
+        assert r.stderr.strip() == (
+            f"mdevd: error: cannot mount the sysfs mirror at {d.sysfs}: "
+            "busy (already a mount point)"
+        )
         r = subprocess.run(
             [
                 *MDEVD,
