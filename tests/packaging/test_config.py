@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mdevd_run import Serving, mdevd
 
-from mdevcore.daemon import cli
+from mdevcore.daemon import cli, config
 from mdevcore.daemon.config import ConfigError
 
 
@@ -135,3 +135,14 @@ def test_the_example_file_in_contrib_is_accepted() -> None:
     args = _args(example)
     assert args.run_dir == Path("/run/mdevd") and args.sysfs == Path("/run/mdevd/sys")
     assert args.parent_opt == ["pds.backing_dir=/var/lib/mdevd/pds", "pds.doorbells=trapped"]
+
+
+def test_the_default_file_is_read_if_present_and_no_config_skips_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "DEFAULT_PATH", _write(tmp_path, 'run-dir = "/run/default"\n'))
+    parser = cli._parser()
+    assert cli._with_config(parser, ["serve"]).run_dir == Path("/run/default")
+    assert cli._with_config(cli._parser(), ["serve", "--no-config"]).run_dir == Path("/run/mdevd")
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
+    assert cli._with_config(cli._parser(), ["serve"]).run_dir == Path("/run/mdevd")
