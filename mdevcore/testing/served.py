@@ -14,7 +14,7 @@ import trio
 
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.client import Client
-from mdevcore.vfio_user.server import DeviceServer
+from mdevcore.vfio_user.server import DEFAULT_IO, DeviceServer
 
 
 class ServedDevice:
@@ -37,9 +37,17 @@ class ServedDevice:
 
 @contextmanager
 def serve(
-    device: DeviceBackend, path: str | os.PathLike[str] | None = None, *, name: str | None = None
+    device: DeviceBackend,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    io: str = DEFAULT_IO,
 ) -> Iterator[ServedDevice]:
     """Serve ``device`` until the block ends (the server runs in its own trio thread).
+
+    ``io`` is the server's (``DeviceServer``): "thread" serves each
+    connection on its own thread if the device allows it, "trio" in the
+    server's trio run.
 
     The socket goes in a fresh short directory unless ``path`` is given
     (AF_UNIX paths must stay under 108 bytes).  Touch the device only
@@ -62,7 +70,7 @@ def serve(
         token.append(trio.lowlevel.current_trio_token())
         with scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(DeviceServer(device, sock, name=label).serve)
+                await nursery.start(DeviceServer(device, sock, name=label, io=io).serve)
                 started.set()
 
     def run() -> None:

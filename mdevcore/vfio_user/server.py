@@ -35,10 +35,12 @@ with that OSError (``failure`` says why), leaving other devices be.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,7 +51,16 @@ from mdevcore.unix_listener import unix_listener
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.constants import SERVER_MAX_MSG_FDS
 from mdevcore.vfio_user.engine import Connection, DmaResult
+from mdevcore.vfio_user.profile import ConnectionProfile
 from mdevcore.vfio_user.stats import DeviceStats
+from mdevcore.vfio_user.threaded import (
+    DeviceLock,
+    ThreadedClient,
+    ThreadedDmaPort,
+    device_lock,
+    run_locked,
+    serve_threaded,
+)
 from mdevcore.vfio_user.wire import close_fds
 
 log = logging.getLogger(__name__)
@@ -76,6 +87,13 @@ TURN_BYTES = _RECV_SIZE
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BACKOFF_FIRST = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
+# How a connection is served: "trio" (a task of the trio run, this module)
+# or "thread" (its own thread, mdevcore.vfio_user.threaded) - the latter
+# only for a backend that allows it (serve_in_thread), else trio.
+IO_TRIO = "trio"
+IO_THREAD = "thread"
+IO_MODES = (IO_TRIO, IO_THREAD)
+DEFAULT_IO = IO_THREAD
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -127,10 +145,14 @@ class _Client:
         name: str,
         spin_ns: int = 0,
         stats: DeviceStats | None = None,
+        profile: ConnectionProfile | None = None,
     ) -> None:
         self.sock = sock
         self.name = name
         self.spin_ns = spin_ns
+        self.profile = profile
+        if profile is not None:
+            backend = profile.wrap(backend)
         self.conn = Connection(backend, name=name, stats=stats)
         self._pending: list[tuple[list[bytes], list[int]]] = []
         self._writer_busy = False
@@ -151,6 +173,19 @@ class _Client:
         """Send what the socket takes now; keep the rest in order."""
         self._pending.extend(self.conn.outgoing())
         sock = self.sock
+        if self.profile is not None and self._pending:
+            t0 = time.perf_counter_ns()
+            try:
+                self._send_pending(sock)
+            finally:
+                elapsed = time.perf_counter_ns() - t0
+                self.profile.send_ns += elapsed
+                self.profile.sends += 1
+                self.profile.syscall(elapsed)
+            return
+        self._send_pending(sock)
+
+    def _send_pending(self, sock: socket.socket) -> None:
         while self._pending:
             bufs, fds = self._pending[0]
             data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
@@ -256,10 +291,17 @@ class _Client:
         turn_mark = 0
         turn_bytes = 0
         turn_messages, turn_bytes_max = TURN_MESSAGES, TURN_BYTES  # locals: read per request
+        profile = self.profile
+        process = conn.process if profile is None else partial(profile.process, conn)
+        t0 = 0
         while True:
             try:
+                if profile is not None:
+                    t0 = clock()
                 n, ancdata, msg_flags, _ = sock.recvmsg_into(bufs, _CMSG_SPACE)
             except BlockingIOError:
+                if profile is not None:
+                    profile.syscall(clock() - t0)  # the EAGAIN before a park costs too
                 got = self._spin_recv() if burst else None
                 if got is None:
                     self.parks += 1
@@ -271,6 +313,11 @@ class _Client:
             except OSError as e:
                 conn.stats.event("gone", "%s: connection error: %s", self.name, e)
                 return
+            if profile is not None:
+                elapsed = clock() - t0
+                profile.recv_ns += elapsed
+                profile.recvs += 1
+                profile.syscall(elapsed)
             if self.spin_ns:
                 burst = clock() - sent_at < self.spin_ns
             fds = _fds_from_ancdata(ancdata) if ancdata else []
@@ -290,7 +337,7 @@ class _Client:
             conn.receive_data(self._rview[:n], fds)
             turn_bytes += n
             # What _handle does, inline: an awaited call costs a coroutine per request.
-            results = conn.process(turn_messages)
+            results = process(turn_messages)
             if results:
                 self.complete(results)
             if conn.has_output or self._pending:
@@ -300,6 +347,8 @@ class _Client:
                 if self._pending:
                     await self.flush()
                 sent_at = clock()
+            if profile is not None:
+                profile.end_batch()
             if conn.closed or self.gone:
                 return
             if conn.handled - turn_mark >= turn_messages or turn_bytes >= turn_bytes_max:
@@ -318,7 +367,7 @@ class _Client:
     async def _handle(self, limit: int) -> None:
         """Up to ``limit`` buffered messages, then send the replies."""
         conn = self.conn
-        results = conn.process(limit)
+        results = conn.process(limit) if self.profile is None else self.profile.process(conn, limit)
         if results:
             self.complete(results)
         if conn.has_output or self._pending:
@@ -346,14 +395,26 @@ class DeviceServer:
         *,
         name: str,
         spin_us: float = DEFAULT_SPIN_US,
+        io: str = DEFAULT_IO,
+        profile: bool = False,
     ) -> None:
         """``spin_us``: how long to poll for the next request before parking
-        in trio (0 = never spin; see ``_Client._spin_recv``)."""
+        (0 = never spin; see ``_Client._spin_recv``).  ``io``: "thread"
+        serves each connection on its own thread when the backend allows
+        it (``mdevcore.vfio_user.threaded``), "trio" always as a trio task.
+        ``profile``: time every request (``mdevcore.vfio_user.profile``)
+        and print the table to stderr when a client leaves."""
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {io!r}")
         self.spin_ns = int(spin_us * 1000)
         self.backend = backend
         self.path = os.fspath(path)
         self.name = name
-        self._client: _Client | None = None
+        self.profile = profile
+        # Not None: connections run on threads, and this guards the device.
+        self._lock: DeviceLock | None = device_lock(backend) if io == IO_THREAD else None
+        self.io = IO_THREAD if self._lock is not None else IO_TRIO
+        self._client: _Client | ThreadedClient | None = None
         self._client_scope: trio.CancelScope | None = None
         self.stats = DeviceStats(name)
         self.failure: str | None = None  # why serve() ended on its own, if it did
@@ -365,19 +426,22 @@ class DeviceServer:
     def status(self) -> dict[str, object]:
         """What ``mdevd status`` shows of this server (JSON-ready)."""
         client = self._client
-        return {
-            "socket": self.path,
-            "connected": client is not None,
-            "client": client.name if client is not None else None,
-            "clients": self.stats.clients,
-            "requests": self.stats.requests,
-            "errors": self.stats.errors(),
-            "failure": self.failure,
-        }
+        with self._lock or contextlib.nullcontext():  # a connection thread counts too
+            return {
+                "socket": self.path,
+                "io": self.io,
+                "connected": client is not None,
+                "client": client.name if client is not None else None,
+                "clients": self.stats.clients,
+                "requests": self.stats.requests,
+                "errors": self.stats.errors(),
+                "failure": self.failure,
+            }
 
     def errors_text(self) -> str:
         """The ``vfio_user/errors`` attribute: counts by kind, then the total."""
-        return self.stats.errors_text()
+        with self._lock or contextlib.nullcontext():
+            return self.stats.errors_text()
 
     def disconnect(self) -> None:
         """Drop the current client now (device removal)."""
@@ -396,7 +460,11 @@ class DeviceServer:
         with unix_listener(self.path, 4) as listener:
             log.info("%s: listening on %s", self.name, self.path)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.backend.run)
+                if self._lock is not None:
+                    # The threading rule: trio-side device code holds the lock.
+                    nursery.start_soon(run_locked, self.backend.run, self._lock)
+                else:
+                    nursery.start_soon(self.backend.run)
                 task_status.started()
                 await self._accept_loop(listener)
 
@@ -422,18 +490,65 @@ class DeviceServer:
                 delay = min(delay * 2, ACCEPT_BACKOFF_MAX)
                 continue
             delay = ACCEPT_BACKOFF_FIRST
-            sock.setblocking(False)
             self.stats.clients += 1
-            client = _Client(
-                sock,
-                self.backend,
-                f"{self.name}#{self.stats.clients}",
-                self.spin_ns,
-                self.stats,
-            )
-            self._client = client
+            name = f"{self.name}#{self.stats.clients}"
+            profile = ConnectionProfile() if self.profile else None
             self._client_scope = trio.CancelScope()
-            await self._serve_client(client, self._client_scope)
+            if self._lock is not None:
+                sock.setblocking(True)
+                threaded = ThreadedClient(
+                    sock,
+                    self.backend,
+                    self._lock,
+                    name,
+                    stats=self.stats,
+                    recv_size=_RECV_SIZE,
+                    cmsg_space=_CMSG_SPACE,
+                    turn_messages=TURN_MESSAGES,
+                    spin_ns=self.spin_ns,
+                    profile=profile,
+                )
+                self._client = threaded
+                await self._serve_threaded(threaded, self._client_scope)
+            else:
+                sock.setblocking(False)
+                client = _Client(sock, self.backend, name, self.spin_ns, self.stats, profile)
+                self._client = client
+                await self._serve_client(client, self._client_scope)
+            if profile is not None:
+                print(profile.report(name), file=sys.stderr, flush=True)
+
+    async def _serve_threaded(self, client: ThreadedClient, scope: trio.CancelScope) -> None:
+        """As _serve_client, the connection on its thread; device calls under the lock."""
+        lock = client.lock
+        with lock:
+            self.stats.event("connect", "%s: client connected (thread)", client.name)
+        try:
+            with scope:
+                try:
+                    with lock:
+                        self.backend.connected(ThreadedDmaPort(client))
+                except Exception:
+                    log.exception("%s: device failed in connected()", client.name)
+                    return
+                await serve_threaded(client)
+        finally:
+            client.close()
+            self._client = None
+            self._client_scope = None
+            with lock:
+                try:
+                    self.backend.disconnected()
+                except Exception:
+                    log.exception("%s: device failed in disconnected()", client.name)
+                self.stats.event(
+                    "gone",
+                    "%s: client gone (%d requests, %d turns yielded; thread)",
+                    client.name,
+                    client.conn.handled,
+                    client.yields,
+                )
+                self.stats.flush()
 
     async def _serve_client(self, client: _Client, scope: trio.CancelScope) -> None:
         self.stats.event("connect", "%s: client connected", client.name)
@@ -472,13 +587,15 @@ async def serve_forever(
     *,
     name: str = "vfio-user",
     spin_us: float = DEFAULT_SPIN_US,
+    io: str = DEFAULT_IO,
+    profile: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then clean up and return."""
     import signal
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            server = DeviceServer(backend, path, name=name, spin_us=spin_us)
+            server = DeviceServer(backend, path, name=name, spin_us=spin_us, io=io, profile=profile)
             await nursery.start(server.serve)
             async for signum in signals:
                 log.info("%s: signal %d, shutting down", name, signum)

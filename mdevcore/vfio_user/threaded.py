@@ -1,0 +1,418 @@
+"""A served connection on its own thread: blocking recvmsg/sendmsg, engine, device.
+
+Why: in the trio server every request costs a park in trio and a wake-up
+through its scheduler, most of a small request's round trip
+(benchmarks/vfio_user_rtt.py).  Here one thread per connection blocks in
+``recvmsg``, runs the sans-IO engine and the device, and answers with a
+blocking ``send``: the kernel wakes the thread straight, no scheduler in
+between.  ``DeviceServer(io="thread")`` (``mdevd serve --io thread``)
+serves with it; the accept loop, counters and the DMA port stay in trio.
+
+Structure: the thread is started with ``trio.to_thread.run_sync`` from the
+task that accepted the client and is joined by it (never abandoned, with
+its own capacity limiter so any number of clients get one).  Cancelling
+that task (disconnect, unserve, shutdown) shuts the socket down
+(``SHUT_RDWR``), which ends a blocked ``recvmsg`` or ``send`` at once; the
+thread returns and the task finishes its cleanup in trio.
+
+The threading rule (one rule for every backend, stated here once):
+
+* A backend is served on a thread only if it says so: ``serve_in_thread``
+  true (PciDevice decides it from ``thread_safe_hooks``).  Such a backend's
+  methods are then called from the connection's thread, always with its
+  ``device_lock`` held, so they must not touch trio objects (Events,
+  channels, ``trio.current_time``): signal the trio side with thread-safe
+  means (an eventfd, ``TrioToken.run_sync_soon``).  Interrupt eventfd
+  writes are thread-safe.
+* Trio-side code that touches such a device's state (its background task,
+  sysfs attributes, the control socket, timers, migration, removal) holds
+  ``device_lock``.  PciDevice does that for the parent: its backend entry
+  points and public methods take the lock, and its ``background`` runs with
+  the lock held except while it awaits (:func:`run_locked`).
+* The connection thread holds the lock for one turn of the engine (at most
+  ``TURN_MESSAGES`` messages) and never across a socket call, so trio waits
+  for the lock at most one turn and never for a client.
+
+The engine (``Connection``) is guarded by the same lock: the DMA port
+queues its DMA_READ/DMA_WRITE requests from trio under it, sends them
+itself (``send_lock`` keeps whole messages apart), and the thread hands
+the replies back with ``run_sync_soon``.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+import types
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from mdevcore.vfio_user.backend import DeviceBackend
+from mdevcore.vfio_user.engine import Connection, DmaResult
+from mdevcore.vfio_user.profile import ConnectionProfile
+from mdevcore.vfio_user.stats import DeviceStats
+from mdevcore.vfio_user.wire import close_fds
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DeviceLock(Protocol):
+    """What the server needs of a backend's ``device_lock`` (a threading.RLock)."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> Any: ...
+
+
+def device_lock(backend: DeviceBackend) -> DeviceLock | None:
+    """The backend's lock if it may be served on a thread, else None (trio only)."""
+    if not getattr(backend, "serve_in_thread", False):
+        return None
+    lock: DeviceLock | None = getattr(backend, "device_lock", None)
+    if lock is None:
+        raise TypeError(f"{type(backend).__name__} has serve_in_thread but no device_lock")
+    return lock
+
+
+# --- the trio side's half of the rule --------------------------------------------------
+
+
+@types.coroutine
+def _forward(trap: Any) -> Generator[Any, Any, Any]:
+    return (yield trap)
+
+
+async def run_locked(fn: Callable[[], Awaitable[T]], lock: DeviceLock) -> T:
+    """Run ``fn()`` in this task with ``lock`` held, except while it awaits.
+
+    Each step of the coroutine (from one await to the next) runs under the
+    lock; what it awaits is passed to trio as is, so cancellation, nurseries
+    and checkpoints behave as if ``fn()`` were awaited directly.  Tasks that
+    ``fn`` starts in a nursery of its own are not covered: they take the
+    lock themselves.
+    """
+    coro = fn().__await__()
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            with lock:
+                try:
+                    trap = coro.send(value) if error is None else coro.throw(error)
+                except StopIteration as stop:
+                    result: T = stop.value
+                    return result
+            value, error = None, None
+            try:
+                value = await _forward(trap)
+            except BaseException as e:  # handed to the coroutine, which decides
+                error = e
+    finally:
+        del error
+        coro.close()
+
+
+# --- the connection thread ---------------------------------------------------------------
+
+
+def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+
+
+class ThreadedClient:
+    """One accepted connection served by a thread (see the module doc).
+
+    ``run`` is the thread's body; everything else runs in trio.  The
+    counters match the trio server's ``_Client`` (``parks``: blocking
+    receives that found nothing, ``spin_hits``, ``yields``: turns ended by
+    the fairness bound).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        backend: DeviceBackend,
+        lock: DeviceLock,
+        name: str,
+        *,
+        stats: DeviceStats,
+        recv_size: int,
+        cmsg_space: int,
+        turn_messages: int,
+        spin_ns: int = 0,
+        profile: ConnectionProfile | None = None,
+    ) -> None:
+        self.sock = sock
+        self.name = name
+        self.lock = lock
+        self.spin_ns = spin_ns
+        self.profile = profile
+        self.conn = Connection(backend if profile is None else profile.wrap(backend),
+                               name=name, stats=stats)  # fmt: skip
+        self.send_lock = threading.Lock()
+        self._token = trio.lowlevel.current_trio_token()
+        self._waiters: dict[int, tuple[trio.Event, list[DmaResult]]] = {}
+        self._buf = bytearray(recv_size)
+        self._view = memoryview(self._buf)
+        self._cmsg_space = cmsg_space
+        self._turn = turn_messages
+        self._poller: select.poll | None = None
+        self.gone = False
+        self.parks = 0
+        self.spin_hits = 0
+        self.yields = 0
+
+    # --- in the thread ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until the client leaves, the engine closes, or the socket is shut down."""
+        try:
+            self._serve()
+        except OSError as e:
+            # EPIPE/ECONNRESET, or EBADF/EINVAL after a shutdown: this connection ends.
+            with self.lock:
+                self.conn.stats.event("gone", "%s: connection error: %s", self.name, e)
+        finally:
+            self.gone = True
+
+    def _receive(self) -> tuple[int, list[tuple[int, int, bytes]], int]:
+        recvmsg_into, bufs, cmsg = self.sock.recvmsg_into, [self._view], self._cmsg_space
+        if self.spin_ns:
+            end = time.perf_counter_ns() + self.spin_ns
+            while True:
+                try:
+                    n, anc, flags, _ = recvmsg_into(bufs, cmsg, _MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter_ns() >= end:
+                        break
+                    continue
+                self.spin_hits += 1
+                return n, anc, flags
+        elif self.profile is not None:
+            return self._receive_profiled()
+        n, anc, flags, _ = recvmsg_into(bufs, cmsg)
+        return n, anc, flags
+
+    def _receive_profiled(self) -> tuple[int, list[tuple[int, int, bytes]], int]:
+        # Waiting for the client is not a cost: poll first, then time the receive.
+        assert self.profile is not None
+        clock = time.perf_counter_ns
+        recvmsg_into, bufs, cmsg = self.sock.recvmsg_into, [self._view], self._cmsg_space
+        while True:
+            t0 = clock()
+            try:
+                n, anc, flags, _ = recvmsg_into(bufs, cmsg, _MSG_DONTWAIT)
+            except BlockingIOError:
+                self.parks += 1
+                if self._poller is None:
+                    self._poller = select.poll()
+                    self._poller.register(self.sock, select.POLLIN)
+                self._poller.poll()
+                continue
+            elapsed = clock() - t0
+            self.profile.recv_ns += elapsed
+            self.profile.recvs += 1
+            self.profile.syscall(elapsed)
+            return n, anc, flags
+
+    def _serve(self) -> None:
+        conn, lock, turn, view = self.conn, self.lock, self._turn, self._view
+        profile = self.profile
+        while True:
+            n, ancdata, msg_flags = self._receive()
+            fds = _fds_from_ancdata(ancdata) if ancdata else []
+            if msg_flags & _MSG_CTRUNC:
+                close_fds(fds)
+                with lock:
+                    conn.stats.error(
+                        "too many fds",
+                        "%s: control data truncated (too many fds); closing",
+                        self.name,
+                        level=logging.WARNING,
+                    )
+                return
+            if not n:
+                close_fds(fds)
+                with lock:
+                    conn.stats.event("gone", "%s: client closed the connection", self.name)
+                return
+            while True:
+                # One turn under the lock: the trio side waits at most this long.
+                with lock:
+                    if n:
+                        conn.receive_data(view[:n], fds)
+                        n = 0
+                    before = conn.handled
+                    if profile is None:
+                        results = conn.process(turn)
+                    else:
+                        results = profile.process(conn, turn)
+                    out = conn.outgoing()
+                if results:
+                    self._token.run_sync_soon(self._complete, results)
+                if out:
+                    self._send(out)
+                if profile is not None:
+                    profile.end_batch()
+                if conn.closed:
+                    return
+                if conn.handled - before < turn:
+                    break
+                self.yields += 1
+
+    def _send(self, out: list[tuple[list[bytes], list[int]]]) -> None:
+        profile = self.profile
+        t0 = time.perf_counter_ns() if profile is not None else 0
+        with self.send_lock:
+            for bufs, fds in out:
+                data = bufs[0] if len(bufs) == 1 else b"".join(bufs)
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = self.sock.sendmsg([data], anc)
+                    if sent < len(data):
+                        self.sock.sendall(memoryview(data)[sent:])
+                else:
+                    self.sock.sendall(data)
+        if profile is not None:
+            elapsed = time.perf_counter_ns() - t0
+            profile.send_ns += elapsed
+            profile.sends += 1
+            profile.syscall(elapsed)
+
+    # --- in trio ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End ``run`` soon: a blocked recvmsg or send returns at once."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more: the thread is ending anyway
+
+    def _complete(self, results: Sequence[DmaResult]) -> None:
+        for result in results:
+            waiter = self._waiters.get(result.msg_id)
+            if waiter is not None:
+                waiter[1].append(result)
+                waiter[0].set()
+
+    async def dma_request(self, make_request: Callable[[], int]) -> DmaResult:
+        """Queue one DMA request (under the lock), send it, wait for its reply."""
+        if self.gone:
+            raise OSError(errno.ENOTCONN, "client gone")
+        event = trio.Event()
+        slot: list[DmaResult] = []
+        with self.lock:
+            # The thread takes its own output inside the lock: what is
+            # queued now is this request alone.
+            msg_id = make_request()
+            out = self.conn.outgoing()
+        self._waiters[msg_id] = (event, slot)
+        try:
+            await self._send_from_trio(out)
+            await event.wait()
+        finally:
+            self._waiters.pop(msg_id, None)
+        result = slot[0]
+        if result.error:
+            raise OSError(result.error, f"DMA request failed: {os.strerror(result.error)}")
+        return result
+
+    async def _send_from_trio(self, out: list[tuple[list[bytes], list[int]]]) -> None:
+        # Never block the trio thread: the send lock may be held by the
+        # thread in a blocking send to a client that does not read.
+        while not self.send_lock.acquire(blocking=False):
+            await trio.sleep(0.001)
+        try:
+            for bufs, _fds in out:  # DMA requests carry no fds
+                data = memoryview(b"".join(bufs))
+                while data:
+                    if self.gone:
+                        raise OSError(errno.ENOTCONN, "client gone")
+                    try:
+                        sent = self.sock.send(data, _MSG_DONTWAIT)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(self.sock)
+                        continue
+                    data = data[sent:]
+        finally:
+            self.send_lock.release()
+
+    def close(self) -> list[DmaResult]:
+        """After the thread ended: fail the DMA still waiting, close the socket."""
+        self.gone = True
+        with self.lock:
+            self.conn.stats.detach(self.conn)
+            failed = self.conn.fail_pending_dma()
+            self.conn.framer.close()
+        self._complete(failed)
+        self.sock.close()
+        return failed
+
+
+class ThreadedDmaPort:
+    """DmaPort for a threaded connection (chunked as the trio server's)."""
+
+    def __init__(self, client: ThreadedClient) -> None:
+        self._client = client
+
+    async def dma_read(self, address: int, count: int) -> bytes:
+        client = self._client
+        conn = client.conn
+        limit = min(conn.client_caps.max_data_xfer_size, conn.max_data_xfer_size)
+        chunks: list[bytes] = []
+        for done in range(0, count, limit):
+            n = min(limit, count - done)
+            result = await client.dma_request(partial(conn.dma_read_request, address + done, n))
+            chunks.append(result.data)
+        return b"".join(chunks)
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        client = self._client
+        conn = client.conn
+        limit = conn.client_caps.max_data_xfer_size
+        for done in range(0, len(data), limit):
+            piece = bytes(data[done : done + limit])
+            await client.dma_request(partial(conn.dma_write_request, address + done, piece))
+
+
+async def serve_threaded(client: ThreadedClient) -> None:
+    """Run ``client`` on its own thread until it ends; cancellation stops it.
+
+    The thread is joined before this returns (or raises Cancelled).
+    """
+
+    async def stop_on_cancel() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            client.stop()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_cancel)
+        try:
+            await trio.to_thread.run_sync(
+                client.run, limiter=trio.CapacityLimiter(1), abandon_on_cancel=False
+            )
+        finally:
+            nursery.cancel_scope.cancel()
