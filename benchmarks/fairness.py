@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -56,7 +57,7 @@ def _serve(run_dir: str, io: str) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 for name in ("victim", "flooded"):
-                    kw = {"io": io} if io != "-" else {}
+                    kw: dict[str, Any] = {"io": io} if io != "-" else {}
                     server = DeviceServer(
                         RawDevice(), os.path.join(run_dir, f"{name}.sock"), name=name, **kw
                     )

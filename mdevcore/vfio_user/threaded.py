@@ -72,7 +72,13 @@ class DeviceLock(Protocol):
 
     def __enter__(self) -> Any: ...
 
-    def __exit__(self, *exc: object) -> Any: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+        /,
+    ) -> bool | None: ...
 
 
 def device_lock(backend: DeviceBackend) -> DeviceLock | None:

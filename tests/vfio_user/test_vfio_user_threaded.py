@@ -242,7 +242,7 @@ async def test_profile_prints_per_command_costs(
         path = os.path.join(sockdir, f"{io}.sock")
         async with serving(dev, path, io=io, profile=True) as server:
 
-            def go() -> None:
+            def go(path: str = path) -> None:
                 with connect(path) as c:
                     for _ in range(10):
                         c.region_read(0, 0, 4)
