@@ -6,6 +6,7 @@
 Prints figures, asserts nothing.  Servers, each in its own process:
   C responder        benchmarks/c/responder.c (the floor)
   trio echo spin 0   the server's socket pattern in trio, no engine (trio's floor)
+  thread echo        the same answers from a blocking loop (a connection thread's floor)
   raw trio           DeviceServer --io trio + a bytearray-backed DeviceBackend
   raw thread         the same, each connection on its own thread (--io thread)
   raw trio spin 20   --io trio, polling up to 20 us before parking in trio
@@ -142,9 +143,11 @@ def build() -> None:
 C_FLOOR = "C responder"
 LIBVFIO_USER = "libvfio-user PciDevice"
 SERVERS = (
-    # label, device class (None = the C responder, "echo" = bare trio), spin_us, transport, io
+    # label, device class (None = the C responder, "echo" = bare trio or thread), spin_us,
+    # transport, io
     (C_FLOOR, None, 0.0, "native", ""),
-    ("trio echo spin 0", "echo", 0.0, "native", ""),
+    ("trio echo spin 0", "echo", 0.0, "native", "trio"),
+    ("thread echo", "echo", 0.0, "native", "thread"),
     ("raw trio", "RawDevice", DEFAULT_SPIN_US, "native", "trio"),
     ("raw thread", "RawDevice", DEFAULT_SPIN_US, "native", "thread"),
     ("raw trio spin 20", "RawDevice", 20.0, "native", "trio"),
@@ -165,7 +168,7 @@ def start_server(
     if device is None:
         cmd = [str(BUILD / "responder"), path]
     elif device == "echo":
-        cmd = [sys.executable, __file__, "--serve-echo", path]
+        cmd = [sys.executable, __file__, "--serve-echo", path, "--io", io]
     else:
         cmd = [sys.executable, "-m", "mdevcore.vfio_user", "--device", f"vfio_user_rtt:{device}",
                "--socket", path, "--spin-us", str(spin_us), "--transport", transport]  # fmt: skip
@@ -216,6 +219,27 @@ def c_client(path: str, reads: int, writes: int) -> tuple[float, float, float]:
     return fields["rtt_median_us"], fields["rtt_p99_us"], fields["posted_msgs_per_s"]
 
 
+def _echo_answers(pending: bytearray) -> list[bytes]:
+    """Answer the whole messages in ``pending`` (consumed) like the C responder."""
+    from mdevcore.vfio_user.wire import HEADER
+
+    out = []
+    while len(pending) >= 16:
+        msg_id, cmd, size, flags, _ = HEADER.unpack_from(pending)
+        if len(pending) < size:
+            break
+        body = bytes(pending[16:size])
+        del pending[:size]
+        if cmd == Command.VERSION:
+            out.append(HEADER.pack(msg_id, cmd, 23, 1, 0) + b"\0\0\0\0{}\0")
+        elif cmd == Command.REGION_READ:
+            count = REGION_ACCESS.unpack(body)[2]
+            out.append(HEADER.pack(msg_id, cmd, 32 + count, 1, 0) + body + bytes(count))
+        elif not flags & 0x10:
+            out.append(HEADER.pack(msg_id, cmd, 32, 1, 0) + body[:16])
+    return out
+
+
 async def serve_echo(path: str) -> None:
     """The trio floor: same socket pattern as DeviceServer, no engine, no device.
 
@@ -224,8 +248,6 @@ async def serve_echo(path: str) -> None:
     import socket
 
     import trio
-
-    from mdevcore.vfio_user.wire import HEADER
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -246,20 +268,26 @@ async def serve_echo(path: str) -> None:
             if not n:
                 break
             pending += rbuf[:n]
-            out = []
-            while len(pending) >= 16:
-                msg_id, cmd, size, flags, _ = HEADER.unpack_from(pending)
-                if len(pending) < size:
-                    break
-                body = bytes(pending[16:size])
-                del pending[:size]
-                if cmd == Command.VERSION:
-                    out.append(HEADER.pack(msg_id, cmd, 23, 1, 0) + b"\0\0\0\0{}\0")
-                elif cmd == Command.REGION_READ:
-                    count = REGION_ACCESS.unpack(body)[2]
-                    out.append(HEADER.pack(msg_id, cmd, 32 + count, 1, 0) + body + bytes(count))
-                elif not flags & 0x10:
-                    out.append(HEADER.pack(msg_id, cmd, 32, 1, 0) + body[:16])
+            out = _echo_answers(pending)
+            if out:
+                sock.sendall(b"".join(out))
+        sock.close()
+
+
+def serve_echo_blocking(path: str) -> None:
+    """The thread floor: the same answers from a blocking receive and send."""
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    rbuf = memoryview(bytearray(1 << 18))
+    while True:
+        sock, _ = listener.accept()
+        pending = bytearray()
+        while n := sock.recv_into(rbuf):
+            pending += rbuf[:n]
+            out = _echo_answers(pending)
             if out:
                 sock.sendall(b"".join(out))
         sock.close()
@@ -274,11 +302,15 @@ def main() -> None:
         "--profile", action="store_true", help="per-command costs of the PciDevice rows instead"
     )
     parser.add_argument("--serve-echo", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--io", default="trio", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_echo:
         import trio
 
-        trio.run(serve_echo, args.serve_echo)
+        if args.io == "thread":
+            serve_echo_blocking(args.serve_echo)
+        else:
+            trio.run(serve_echo, args.serve_echo)
         return
     build()
     if args.profile:

@@ -12,15 +12,19 @@ wait for the client: it polls before a timed receive).  Per command:
 * engine   -- the rest of ``process``: framing, parsing, checks, the reply;
 * syscalls -- recvmsg and send, shared evenly by the messages of one batch.
 
-What is left of a round trip beyond these is the client, the kernel's
-wake-ups and (trio I/O) the scheduler.  Profiling adds two clock reads per
-message and per backend call, about 0.2 us each: compare profiled runs
-with each other, not with unprofiled ones.
+The table gives medians (a loaded machine's preemptions land in the
+means; the last column is the mean of the sum, to show them).  What is
+left of a round trip beyond these is the client, the kernel's wake-ups
+and (trio I/O) the scheduler.  Profiling adds two clock reads per message
+and per backend call, about 0.2 us each: compare profiled runs with each
+other, not with unprofiled ones.  Samples are kept for the first
+``MAX_SAMPLES`` messages of each command.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,14 +48,23 @@ _TIMED = (
     "mig_data_write",
 )
 _NAMES = {int(c): c.name for c in Command}
+MAX_SAMPLES = 1 << 20
 
 
 @dataclasses.dataclass(slots=True)
 class CommandCost:
+    """Per-message samples (ns) of one command."""
+
     count: int = 0
-    total_ns: int = 0  # inside process(), device included
-    device_ns: int = 0
-    syscall_ns: int = 0
+    engine: list[int] = dataclasses.field(default_factory=list)
+    device: list[int] = dataclasses.field(default_factory=list)
+    syscalls: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, total_ns: int, device_ns: int) -> None:
+        self.count += 1
+        if len(self.engine) < MAX_SAMPLES:
+            self.engine.append(total_ns - device_ns)
+            self.device.append(device_ns)
 
 
 class _TimedBackend:
@@ -113,9 +126,7 @@ class ConnectionProfile:
             cost = self.commands.get(command)
             if cost is None:
                 cost = self.commands[command] = CommandCost()
-            cost.count += 1
-            cost.total_ns += elapsed
-            cost.device_ns += self.device_ns
+            cost.add(elapsed, self.device_ns)
             self._batch.append(cost)
         return results
 
@@ -128,25 +139,29 @@ class ConnectionProfile:
         if self._batch:
             share = self._batch_sys // len(self._batch)
             for cost in self._batch:
-                cost.syscall_ns += share
+                if len(cost.syscalls) < len(cost.engine):
+                    cost.syscalls.append(share)
         self._batch.clear()
         self._batch_sys = 0
 
     def report(self, title: str) -> str:
-        """A table: per command, mean microseconds per message."""
+        """A table: per command, median microseconds per message."""
         lines = [
-            f"profile {title}: mean us per message ({self.recvs} receives, {self.sends} sends)",
-            f"{'command':<26}{'count':>9}{'engine':>9}{'device':>9}{'syscalls':>10}{'sum':>9}",
+            f"profile {title}: median us per message ({self.recvs} receives, {self.sends} sends)",
+            f"{'command':<26}{'count':>9}{'engine':>9}{'device':>9}{'syscalls':>10}"
+            f"{'sum':>9}{'mean sum':>10}",
         ]
         for command, c in sorted(self.commands.items(), key=lambda kv: -kv[1].count):
-            if not c.count:
+            if not c.engine:
                 continue
-            engine = (c.total_ns - c.device_ns) / c.count / 1000
-            device = c.device_ns / c.count / 1000
-            sys_us = c.syscall_ns / c.count / 1000
+            syscalls = c.syscalls or [0]
+            engine, device, sys_us = (
+                statistics.median(v) / 1000 for v in (c.engine, c.device, syscalls)
+            )
+            mean = (sum(c.engine) + sum(c.device)) / len(c.engine) + sum(syscalls) / len(syscalls)
             name = _NAMES.get(command, f"command {command}")
             lines.append(
                 f"{name:<26}{c.count:>9}{engine:>9.2f}{device:>9.2f}{sys_us:>10.2f}"
-                f"{engine + device + sys_us:>9.2f}"
+                f"{engine + device + sys_us:>9.2f}{mean / 1000:>10.2f}"
             )
         return "\n".join(lines)

@@ -1,5 +1,12 @@
 """The trio server: one UNIX socket per device, one client at a time.
 
+Two I/O modes (``io``): "thread" (the default) serves each connection on
+its own thread with blocking socket calls (``mdevcore.vfio_user.threaded``,
+which also states the threading rule) when the backend allows it
+(``serve_in_thread``); "trio", and any backend that does not allow it,
+serves the connection as a task of the trio run, as described here.  The
+accept loop, counters and lifetime below are the same for both.
+
 A thin shell around ``engine.Connection``.  The hot path uses a raw
 non-blocking stdlib socket: recvmsg_into (one buffer per connection) is
 tried first and ``trio.lowlevel.wait_readable`` awaited only on EAGAIN;
@@ -58,6 +65,7 @@ from mdevcore.vfio_user.threaded import (
     ThreadedClient,
     ThreadedDmaPort,
     device_lock,
+    fds_from_ancdata,
     run_locked,
     serve_threaded,
 )
@@ -94,16 +102,6 @@ IO_TRIO = "trio"
 IO_THREAD = "thread"
 IO_MODES = (IO_TRIO, IO_THREAD)
 DEFAULT_IO = IO_THREAD
-
-
-def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 class _DmaPort:
@@ -320,7 +318,7 @@ class _Client:
                 profile.syscall(elapsed)
             if self.spin_ns:
                 burst = clock() - sent_at < self.spin_ns
-            fds = _fds_from_ancdata(ancdata) if ancdata else []
+            fds = fds_from_ancdata(ancdata) if ancdata else []
             if msg_flags & _MSG_CTRUNC:
                 conn.stats.error(
                     "too many fds",
