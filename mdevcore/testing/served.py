@@ -50,10 +50,11 @@ def serve(
     server's trio run.
 
     The socket goes in a fresh short directory unless ``path`` is given
-    (AF_UNIX paths must stay under 108 bytes).  Touch the device only
-    through clients while it is served: the server thread owns it.  An
-    exception in the server (or the device's background task) is raised
-    here when the block ends.
+    (AF_UNIX paths must stay under 108 bytes).  While it is served, reach
+    the device through clients, or hold its ``device_lock`` (a PciDevice's)
+    to look at it: the server's threads use it meanwhile.  An exception in
+    the server (or the device's background task) is raised here when the
+    block ends.
     """
     scratch = None
     if path is None:
