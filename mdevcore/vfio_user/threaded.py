@@ -287,8 +287,6 @@ class ThreadedClient:
                     self._token.run_sync_soon(self._complete, results)
                 if out:
                     self._send(out)
-                if profile is not None:
-                    profile.end_batch()
                 if conn.closed:
                     return
                 if conn.handled - before < turn:
@@ -298,6 +296,8 @@ class ThreadedClient:
                 # thread would otherwise keep for the 5 ms switch interval.
                 self.yields += 1
                 time.sleep(0)
+            if profile is not None:
+                profile.end_batch()  # what one receive brought, all turns of it
 
     def _send(self, out: list[tuple[list[bytes], list[int]]]) -> None:
         profile = self.profile
