@@ -185,6 +185,7 @@ class ThreadedClient:
         self._cmsg_space = cmsg_space
         self._turn = turn_messages
         self._poller: select.poll | None = None
+        self._stopped = False  # stop() was called: an end of file is ours
         self.gone = False
         self.parks = 0
         self.spin_hits = 0
@@ -268,8 +269,9 @@ class ThreadedClient:
                 return
             if not n:
                 close_fds(fds)
+                why = "connection shut down by the server" if self._stopped else "client closed"
                 with lock:
-                    conn.stats.event("gone", "%s: client closed the connection", self.name)
+                    conn.stats.event("gone", "%s: %s", self.name, why)
                 return
             while True:
                 # One turn under the lock: the trio side waits at most this long.
@@ -322,6 +324,7 @@ class ThreadedClient:
 
     def stop(self) -> None:
         """End ``run`` soon: a blocked recvmsg or send returns at once."""
+        self._stopped = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

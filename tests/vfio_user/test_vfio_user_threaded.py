@@ -261,3 +261,36 @@ async def test_profile_prints_per_command_costs(
         assert rows["REGION_WRITE"][1] == "1" and rows["VERSION"][1] == "1"
         engine, device, syscalls = map(float, rows["REGION_READ"][2:5])
         assert engine > 0 and device > 0 and syscalls > 0
+
+
+async def test_both_sides_at_once_keep_the_device_whole(sockdir: str) -> None:
+    """A client hammering the device while trio resets it and reads status."""
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path) as server:
+
+        def client() -> int:
+            done = 0
+            with connect(path) as c:
+                for i in range(300):
+                    value = i.to_bytes(4, "little")
+                    c.region_write(0, 0x100, value)
+                    assert c.region_read(0, 0x100, 4) == value  # reset keeps BAR memory
+                    done += 1
+            return done
+
+        async with trio.open_nursery() as nursery:
+            results: list[int] = []
+
+            async def run_client() -> None:
+                results.append(await in_thread(client))
+
+            nursery.start_soon(run_client)
+            resets = 0
+            while not results:
+                dev.reset()  # trio side, under the lock
+                resets += 1
+                assert server.status()["requests"] >= 0
+                await trio.sleep(0)
+    assert results == [300] and resets > 1
+    assert dev.lock_held and all(dev.lock_held)  # every hook, either side, under the lock
