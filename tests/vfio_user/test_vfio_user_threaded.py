@@ -290,7 +290,7 @@ async def test_both_sides_at_once_keep_the_device_whole(sockdir: str) -> None:
             while not results:
                 dev.reset()  # trio side, under the lock
                 resets += 1
-                assert server.status()["requests"] >= 0
+                assert isinstance(server.status()["requests"], int)
                 await trio.sleep(0)
     assert results == [300] and resets > 1
     assert dev.lock_held and all(dev.lock_held)  # every hook, either side, under the lock
