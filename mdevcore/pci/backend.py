@@ -24,7 +24,7 @@ FLR (PCI Express Device Control bit 15) resets all of config space and
 keeps the eventfds (the VMM did not ask).
 
 Threading: ``device_lock`` (an RLock) guards the device when a connection
-thread serves it (the rule: ``mdevcore.vfio_user.threaded``).  The engine
+thread serves it (the rule: ``mdevcore.vfio_user.locking``).  The engine
 calls everything here with it held; ``reset`` and ``close``, which the
 trio side also calls (a driver releasing a VF, device removal), take it.
 """

@@ -50,7 +50,7 @@ What the parent gets:
   (``mig_session``, ``features``).
 * Lifetime: ``background`` runs while the device is served; ``on_close``
   when it is removed (the core closes removed devices).
-* Threading (the rule: ``mdevcore.vfio_user.threaded``): a device may be
+* Threading (the rule: ``mdevcore.vfio_user.locking``): a device may be
   served by a connection thread (``mdevd serve --io thread``, the
   default).  Every hook is then called with ``device_lock`` held, and the
   framework holds it for the trio side too: ``background`` runs under it

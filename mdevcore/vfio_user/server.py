@@ -2,7 +2,7 @@
 
 Two I/O modes (``io``): "thread" (the default) serves each connection on
 its own thread with blocking socket calls (``mdevcore.vfio_user.threaded``,
-which also states the threading rule) when the backend allows it
+its threading rule: ``mdevcore.vfio_user.locking``) when the backend allows it
 (``serve_in_thread``); "trio", and any backend that does not allow it,
 serves the connection as a task of the trio run
 (``mdevcore.vfio_user.trio_client``).  The accept loop, counters and
@@ -34,16 +34,10 @@ import trio
 
 from mdevcore.unix_listener import unix_listener
 from mdevcore.vfio_user.backend import DeviceBackend
+from mdevcore.vfio_user.locking import DeviceLock, device_lock, run_locked
 from mdevcore.vfio_user.profile import ConnectionProfile
 from mdevcore.vfio_user.stats import DeviceStats
-from mdevcore.vfio_user.threaded import (
-    DeviceLock,
-    ThreadedClient,
-    ThreadedDmaPort,
-    device_lock,
-    run_locked,
-    serve_threaded,
-)
+from mdevcore.vfio_user.threaded import ThreadedClient, ThreadedDmaPort, serve_threaded
 from mdevcore.vfio_user.trio_client import (
     CMSG_SPACE,
     DEFAULT_SPIN_US,

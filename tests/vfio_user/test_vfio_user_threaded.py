@@ -22,8 +22,8 @@ import trio
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.constants import Command
+from mdevcore.vfio_user.locking import run_locked
 from mdevcore.vfio_user.server import DeviceServer
-from mdevcore.vfio_user.threaded import run_locked
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
 
 T = TypeVar("T")
