@@ -105,6 +105,8 @@ class ThreadedClient:
         self._turn = turn_messages
         self._poller: select.poll | None = None
         self._stopped = False  # stop() was called: an end of file is ours
+        self._sent_at = 0  # when the last reply went (spinning only)
+        self._burst = False  # the last request came within spin_ns of it
         self.gone = False
         self.parks = 0
         self.spin_hits = 0
@@ -124,15 +126,21 @@ class ThreadedClient:
             self.gone = True
 
     def _receive(self) -> tuple[int, list[tuple[int, int, bytes]], int]:
-        """recvmsg, after polling for spin_ns if set (or timed, when profiling)."""
+        """recvmsg, after polling for spin_ns if set (or timed, when profiling).
+
+        Polls only while the client is in a burst (its last request came
+        within spin_ns of our previous reply), as the trio reader does: a
+        sparse client, or one starved of CPU, is waited for at once.
+        """
         recvmsg_into, bufs, cmsg = self.sock.recvmsg_into, [self._view], self._cmsg_space
-        if self.spin_ns:
-            end = time.perf_counter_ns() + self.spin_ns
+        clock = time.perf_counter_ns
+        if self._burst:
+            end = clock() + self.spin_ns
             while True:
                 try:
                     n, anc, flags, _ = recvmsg_into(bufs, cmsg, _MSG_DONTWAIT)
                 except BlockingIOError:
-                    if time.perf_counter_ns() >= end:
+                    if clock() >= end:
                         break
                     continue
                 self.spin_hits += 1
@@ -140,6 +148,8 @@ class ThreadedClient:
         elif self.profile is not None:
             return self._receive_profiled()
         n, anc, flags, _ = recvmsg_into(bufs, cmsg)
+        if self.spin_ns:
+            self._burst = clock() - self._sent_at < self.spin_ns
         return n, anc, flags
 
     def _receive_profiled(self) -> tuple[int, list[tuple[int, int, bytes]], int]:
@@ -208,6 +218,8 @@ class ThreadedClient:
                     self._token.run_sync_soon(self._complete, results)
                 if out:
                     self._send(out)
+                    if self.spin_ns:
+                        self._sent_at = time.perf_counter_ns()
                 if conn.closed:
                     return
                 if conn.handled - before < turn:

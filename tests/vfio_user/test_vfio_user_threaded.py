@@ -24,6 +24,7 @@ from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.constants import Command
 from mdevcore.vfio_user.locking import run_locked
 from mdevcore.vfio_user.server import DeviceServer
+from mdevcore.vfio_user.threaded import ThreadedClient
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
 
 T = TypeVar("T")
@@ -294,3 +295,21 @@ async def test_both_sides_at_once_keep_the_device_whole(sockdir: str) -> None:
                 await trio.sleep(0)
     assert results == [300] and resets > 1
     assert dev.lock_held and all(dev.lock_held)  # every hook, either side, under the lock
+
+
+async def test_spinning_thread_catches_a_bursting_client(sockdir: str) -> None:
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path, spin_us=2000) as server:
+
+        def go() -> None:
+            with connect(path) as c:
+                for i in range(50):
+                    c.region_write(0, 4 * i, i.to_bytes(4, "little"))
+                    assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
+                client = server._client
+                assert isinstance(client, ThreadedClient)
+                # Each request follows our reply within microseconds: polled, not waited for.
+                assert client.spin_hits > 50
+
+        await in_thread(go)
