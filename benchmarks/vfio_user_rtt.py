@@ -157,6 +157,16 @@ SERVERS = (
 )
 
 
+def _listening(path: str) -> bool:
+    """Whether a UNIX socket at ``path`` listens (/proc/net/unix: __SO_ACCEPTCON)."""
+    with open("/proc/net/unix") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[-1] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def start_server(
     device: str | None,
     spin_us: float,
@@ -178,7 +188,7 @@ def start_server(
     env = dict(os.environ, PYTHONPATH=pythonpath)
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 30
-    while not os.path.exists(path):
+    while not _listening(path):  # bound is not enough: connect() is refused until listen()
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"server {cmd} did not start")
         time.sleep(0.01)
