@@ -2,7 +2,8 @@
 
 mdevd serve [--sysfs DIR] [--run-dir DIR] [--persist DIR] [--mdevctl-config DIR]
             [--parent-opt NAME.KEY=VALUE]...
-            [--transport native|libvfio-user] [--parent-transport PARENT=TRANSPORT]...
+            [--transport native|libvfio-user] [--io thread|trio]
+            [--parent-transport PARENT=TRANSPORT]...
 mdevd parents
 mdevd new-parent NAME [--dir DIR]
 mdevd mdevctl [--sysfs DIR] [--config DIR] [--run-dir DIR] ARGS...
@@ -71,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("native", "libvfio-user"),
         default="native",
         help="vfio-user implementation serving the devices (default native)",
+    )
+    s.add_argument(
+        "--io",
+        choices=("thread", "trio"),
+        default="",
+        help="native transport: serve each connection on its own thread (devices that "
+        "allow it; the default) or as a trio task",
     )
     s.add_argument(
         "--parent-transport",

@@ -65,11 +65,11 @@ TRANSPORTS = (NATIVE, LIBVFIO_USER)
 
 
 def default_server_factory(
-    backend: DeviceBackend, path: Path, name: str, parent: str | None = None
+    backend: DeviceBackend, path: Path, name: str, parent: str | None = None, io: str = ""
 ) -> Server:
-    from mdevcore.vfio_user.server import DeviceServer
+    from mdevcore.vfio_user.server import DEFAULT_IO, DeviceServer
 
-    server: Server = DeviceServer(backend, str(path), name=name)
+    server: Server = DeviceServer(backend, str(path), name=name, io=io or DEFAULT_IO)
     return server
 
 
@@ -80,10 +80,13 @@ class TransportChoice:
     ``default`` serves every device whose parent has no entry in
     ``per_parent`` (and the hosted parents' devices, which have no mdev
     parent).  "libvfio-user" imports cffi and the C library only when used.
+    ``io`` ("thread", "trio"; "" = the server's default) is the native
+    server's I/O mode (``mdevcore.vfio_user.server.DeviceServer``).
     """
 
     default: str = NATIVE
     per_parent: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    io: str = ""
 
     def __post_init__(self) -> None:
         for transport in (self.default, *self.per_parent.values()):
@@ -106,7 +109,7 @@ class TransportChoice:
 
             server: Server = LibvfioUserServer(backend, str(path), name=name)
             return server
-        return default_server_factory(backend, path, name)
+        return default_server_factory(backend, path, name, io=self.io)
 
 
 @dataclasses.dataclass(eq=False)

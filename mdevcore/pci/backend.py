@@ -22,11 +22,17 @@ MSI-X table) returns to its power-on value, all interrupt eventfds are
 closed and the migration state returns to RUNNING.  A guest-initiated
 FLR (PCI Express Device Control bit 15) resets all of config space and
 keeps the eventfds (the VMM did not ask).
+
+Threading: ``device_lock`` (an RLock) guards the device when a connection
+thread serves it (the rule: ``mdevcore.vfio_user.locking``).  The engine
+calls everything here with it held; ``reset`` and ``close``, which the
+trio side also calls (a driver releasing a VF, device removal), take it.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -81,6 +87,8 @@ BACKEND_NAMES = frozenset(
         "disconnected",
         "close",
         "run",
+        "device_lock",
+        "serve_in_thread",
     }
 )
 
@@ -104,6 +112,7 @@ class PciBackend:
     _port: DmaPort | None
     _closed: bool
     _migratable: bool
+    device_lock: threading.RLock  # see the module doc
 
     if TYPE_CHECKING:
         # The parent's hooks, defined (with defaults) by PciDevice.
@@ -319,8 +328,9 @@ class PciBackend:
         self.dma.unmap(address, size, flags)
 
     def reset(self) -> None:
-        self.log.info("device reset")
-        self._reset(full=False)
+        with self.device_lock:
+            self.log.info("device reset")
+            self._reset(full=False)
 
     def _reset(self, *, full: bool) -> None:
         if full:
@@ -355,17 +365,18 @@ class PciBackend:
 
     def close(self) -> None:
         """Release everything (the device is being removed); safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.on_close()
-        finally:
-            self.disconnected()
-            for bar in self.bars:
-                if bar is not None:
-                    bar.close()
-            self.bars = [None] * 6
+        with self.device_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.on_close()
+            finally:
+                self.disconnected()
+                for bar in self.bars:
+                    if bar is not None:
+                        bar.close()
+                self.bars = [None] * 6
 
     async def run(self) -> None:
         await self.background()
