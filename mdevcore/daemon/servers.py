@@ -120,6 +120,19 @@ class _Served:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
 
 
+class _Started:
+    """The ``task_status`` a server's ``serve`` gets: listening means ready."""
+
+    __slots__ = ("_servers", "_entry")
+
+    def __init__(self, servers: NamedServers, entry: _Served) -> None:
+        self._servers = servers
+        self._entry = entry
+
+    def started(self, value: object = None) -> None:
+        self._servers._started(self._entry)
+
+
 class NamedServers:
     """vfio-user servers at ``<run_dir>/<name>.sock``, started and stopped on request.
 
@@ -228,10 +241,9 @@ class NamedServers:
                 if previous is not None:
                     # the same name unserved and served again: the old socket goes first
                     await previous.done.wait()
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(entry.server.serve)
-                    self._done(entry.ready)
-                    log.info("%s: serving vfio-user at %s", entry.label, entry.path)
+                # Awaited in this task rather than through nursery.start: one
+                # task and two scheduler passes fewer per device created.
+                await entry.server.serve(task_status=_Started(self, entry))
         except Exception as exc:
             log.exception("%s: vfio-user server failed", entry.label)
             failed = self._served.get(entry.name) is entry
@@ -252,6 +264,10 @@ class NamedServers:
                 self._on_failed(entry.name)
             except Exception:  # a callback bug must not take the daemon's nursery down
                 log.exception("%s: cleanup after the server failed", entry.label)
+
+    def _started(self, entry: _Served) -> None:
+        self._done(entry.ready)
+        log.debug("%s: serving vfio-user at %s", entry.label, entry.path)
 
     def _done(self, event: trio.Event) -> None:
         event.set()
