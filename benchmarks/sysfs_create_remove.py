@@ -19,9 +19,11 @@ server), the model's own cost.
 
     .venv/bin/python benchmarks/sysfs_create_remove.py [--devices N] [--cycles N] [--tmp DIR]
 
-``--tmp`` picks where the mirror, the sockets and the floor live (default
-the system's temporary directory); /run, where mdevd keeps its sockets by
-default, is a tmpfs on most hosts (``--tmp /dev/shm`` models that).
+``--persist`` runs mdevd with ``--persist`` (as contrib/mdevd.service
+does), so each create also writes its record.  ``--tmp`` picks where the
+mirror, the sockets (and the records) live, default the system's
+temporary directory; /run, where mdevd keeps its sockets by default, is a
+tmpfs on most hosts (``--tmp /dev/shm`` models that).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sysfs_common import POOL_TYPE_DIR, REPO, Daemon  # noqa: E402
+from sysfs_common import POOL_ARGS, POOL_TYPE_DIR, REPO, Daemon  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests" / "core"))
 from mdev_testdriver import BigPool  # noqa: E402
@@ -68,10 +70,13 @@ class Timed:
         return self.seconds / self.count * 1e3
 
 
-def mounted(devices: int, cycles: int, tmp: str | None) -> tuple[Timed, Timed, Timed]:
+def mounted(
+    devices: int, cycles: int, tmp: str | None, persist: bool
+) -> tuple[Timed, Timed, Timed]:
     """(``devices`` creates, their removes, ``cycles`` create+remove cycles)."""
     with tempfile.TemporaryDirectory(dir=tmp) as base:
-        daemon = Daemon(Path(base))
+        extra = ("--persist", f"{base}/persist") if persist else ()
+        daemon = Daemon(Path(base), (*POOL_ARGS, *extra))
         try:
             create = str(daemon.sysfs / POOL_TYPE_DIR / "create")
             devs = daemon.sysfs / "bus/mdev/devices"
@@ -146,13 +151,17 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1000, help="creates in a row (then removes)")
     p.add_argument("--cycles", type=int, default=2000, help="create+remove cycles")
     p.add_argument("--tmp", help="where the mirror and sockets live (default: $TMPDIR)")
+    p.add_argument(
+        "--persist", action="store_true", help="mdevd --persist (in --tmp), as the unit runs it"
+    )
     args = p.parse_args()
     a = api(args.cycles)
-    made, dropped, both = mounted(args.devices, args.cycles, args.tmp)
+    made, dropped, both = mounted(args.devices, args.cycles, args.tmp, args.persist)
     floor_dir = "/dev/shm" if os.path.isdir("/dev/shm") else args.tmp
     f_made, f_dropped = floor(args.devices, floor_dir)
     n = args.devices
-    print(f"mirror and sockets in {fs_type(args.tmp)}, floor in {fs_type(floor_dir)}")
+    kept = ", --persist records there too" if args.persist else ""
+    print(f"mirror and sockets in {fs_type(args.tmp)}{kept}; floor in {fs_type(floor_dir)}")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'':36} {'mounted mirror (ours)':>28} {'floor (plain syscalls)':>24} {'ratio':>7}")
     for label, ours, peer in (

@@ -328,15 +328,15 @@ class ServerManager:
     def _on_event(self, event: MdevEvent) -> None:
         if isinstance(event, DeviceAdded):
             device = event.device
-            label = f"mdev {device.uuid} ({device.type.id})"
+            label = f"mdev {device.name} ({device.type.id})"
             try:
                 self.servers.serve(
-                    str(device.uuid), device.backend, label=label, parent=device.parent.name
+                    device.name, device.backend, label=label, parent=device.parent.name
                 )
             except Exception:
                 log.exception("%s: cannot serve it over vfio-user", label)
         elif isinstance(event, DeviceRemoved):
-            self.servers.unserve(str(event.device.uuid))
+            self.servers.unserve(event.device.name)
 
     def _unserved(self, name: str) -> None:
         """A device whose server died is removed: no device without a socket."""
