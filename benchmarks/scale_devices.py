@@ -166,7 +166,7 @@ def main() -> None:
         f"{args.devices} mtty mdevs; N busy clients (one per device, separate processes) "
         f"do 4-byte config-space REGION_READs for {args.seconds:g} s; {os.cpu_count()} CPUs"
     )
-    head = "aggregate/s  per dev/s (slowest)  p50 us  p99 us"
+    head = "aggregate/s  per dev/s (slowest)  p50 us   p99 us"
     ours, peer = "one mdevd (ours)", "one mdevd per device (peer)"
     print(f"{'':3} | {ours:^{len(head)}} | {peer:^{len(head)}} |")
     print(f"{'N':>3} | {head} | {head} | aggr ratio  p99 ratio")
@@ -176,7 +176,7 @@ def main() -> None:
             mean = statistics.fmean(r.per_device)
             cols.append(
                 f"{r.aggregate:11.0f}  {mean:9.0f} ({min(r.per_device):7.0f})"
-                f"  {r.p50_us:6.1f}  {r.p99_us:6.1f}"
+                f"  {r.p50_us:6.1f}  {r.p99_us:7.1f}"
             )
         ratio = a.aggregate / b.aggregate
         print(f"{a.busy:3d} | {cols[0]} | {cols[1]} | {ratio:9.2f}x  {a.p99_us / b.p99_us:8.2f}x")

@@ -203,14 +203,16 @@ class NamedServers:
         *,
         label: str | None = None,
         parent: str | None = None,
+        checked: Path | None = None,
     ) -> Path:
         """Start serving ``backend``; ENAMETOOLONG/EACCES/EBUSY refuse it at once.
 
         ``parent``: the mdev parent's name, for the factory's choice of transport.
+        ``checked``: what ``check(name)`` returned just before (not checked again).
         """
         if name in self._served:
             raise OSError(errno.EBUSY, f"{name} is already served")
-        path = self.check(name)
+        path = checked or self.check(name)
         self._failed.pop(name, None)
         label = label or name
         server = self._factory(backend, path, label, parent)
@@ -313,11 +315,15 @@ class ServerManager:
         self.core = core
         self.servers = NamedServers(run_dir, nursery, server_factory, self._unserved)
         self.settle = self.servers.settle
+        self._checked: tuple[str, Path] | None = None  # (name, path) of the create in progress
         core.add_create_check(self._check_socket_path)
         core.subscribe(self._on_event, replay=True)
 
     def _check_socket_path(self, mtype: MdevType, dev_uuid: uuid.UUID) -> None:
-        self.servers.check(str(dev_uuid))
+        name = str(dev_uuid)
+        # Checked under the core's lock right before the probe, and the
+        # DeviceAdded that follows (same lock, same create) uses it.
+        self._checked = (name, self.servers.check(name))
 
     def socket_path(self, dev_uuid: uuid.UUID) -> Path:
         return self.servers.socket_path(str(dev_uuid))
@@ -329,9 +335,15 @@ class ServerManager:
         if isinstance(event, DeviceAdded):
             device = event.device
             label = f"mdev {device.name} ({device.type.id})"
+            checked, self._checked = self._checked, None
+            path = checked[1] if checked is not None and checked[0] == device.name else None
             try:
                 self.servers.serve(
-                    device.name, device.backend, label=label, parent=device.parent.name
+                    device.name,
+                    device.backend,
+                    label=label,
+                    parent=device.parent.name,
+                    checked=path,
                 )
             except Exception:
                 log.exception("%s: cannot serve it over vfio-user", label)
