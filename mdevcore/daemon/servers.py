@@ -212,7 +212,7 @@ class NamedServers:
         """
         if name in self._served:
             raise OSError(errno.EBUSY, f"{name} is already served")
-        path = checked or self.check(name)
+        path = checked if checked is not None else self.check(name)
         self._failed.pop(name, None)
         label = label or name
         server = self._factory(backend, path, label, parent)

@@ -244,7 +244,8 @@ class MdevSysfs:
         self._add_driver_attrs(ddir, device)
         if self.socket_path is not None:
             sock = self.socket_path(device.uuid)
-            vdir = t.mkdir(f"{t.path_of(ddir)}/vfio_user", volatile=True)  # a driver's too
+            # mkdir -p: a driver attribute "vfio_user/..." may have made it
+            vdir = t.mkdir(f"{t.path_of(ddir)}/vfio_user", volatile=True)
             t.add_attr(vdir, "socket", lambda: f"{sock}\n", volatile=True)
             t.add_attr(vdir, "qemu_device", lambda: f"{qemu_device_arg(sock)}\n", volatile=True)
             errors = self.vfio_errors
