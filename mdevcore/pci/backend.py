@@ -125,6 +125,7 @@ class PciBackend:
         def on_irqs_changed(self, index: int) -> None: ...
         def on_close(self) -> None: ...
         async def background(self) -> None: ...
+        def log_guest(self, kind: str, msg: str, *args: object, level: int = ...) -> None: ...
 
     # --- device and regions --------------------------------------------------
 
@@ -278,7 +279,7 @@ class PciBackend:
         if self._sriov is not None and touches(self._sriov.layout.offset + caps.SRIOV_CTRL, 0x0A):
             self._sriov.written()
         if flr:
-            self.log.info("function level reset by the guest")
+            self.log_guest("function level reset", "function level reset by the guest")
             self._reset(full=True)
             return
         self.on_config_write(offset, data)
@@ -329,7 +330,7 @@ class PciBackend:
 
     def reset(self) -> None:
         with self.device_lock:
-            self.log.info("device reset")
+            self.log_guest("reset", "device reset")
             self._reset(full=False)
 
     def _reset(self, *, full: bool) -> None:

@@ -91,6 +91,7 @@ from mdevcore.pci.migration import (
 )
 from mdevcore.pci.msix import MsixTable
 from mdevcore.pci.sriov import SriovControl
+from mdevcore.ratelimit import RateLimitedLog
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DmaPort
 
@@ -163,6 +164,8 @@ class PciDevice(PciBackend):
                   (OSError(EFAULT) when not fully inside one mapping).
       name     -- used in log messages (defaults to the class name).
       log      -- a logger that prefixes the name.
+      log_guest(kind, msg, ...) -- for what a guest can make happen at will
+                  (resets, bad register writes): rate-limited per kind.
     """
 
     # VFIO_MIGRATION_* bits; 0 = not migratable.
@@ -191,6 +194,7 @@ class PciDevice(PciBackend):
         self.device_lock = threading.RLock()
         self._name = name or type(self).__name__
         self.log = _DeviceLog(log, self)
+        self._guest_log: RateLimitedLog | None = None  # made on first use (most never need it)
         self.config = ConfigSpace(config_size)
         self.bars: list[Bar | None] = [None] * 6
         self.rom = b""  # expansion ROM image (padded to its power-of-two size)
@@ -215,6 +219,16 @@ class PciDevice(PciBackend):
         self._migratable = True
         self.name = self._name  # tells the components
         self._write_header(identity)
+
+    def log_guest(self, kind: str, msg: str, *args: object, level: int = logging.INFO) -> None:
+        """Log an event the guest can repeat at will: the first few of ``kind``, then summaries.
+
+        A guest resetting its device in a loop must not fill the disk or
+        drown other devices' messages (mdevcore.ratelimit).
+        """
+        if self._guest_log is None:
+            self._guest_log = RateLimitedLog(self.log)
+        self._guest_log.log(level, "guest", kind, msg, *args)
 
     @property
     def name(self) -> str:
