@@ -1,6 +1,7 @@
 """Fairness: one client floods its device with bad requests; another device's round trip.
 
     .venv/bin/python benchmarks/fairness.py [--reads 5000] [--seconds 3] [--tree DIR]...
+        [--io trio|thread]...
 
 One server process serves two devices in one trio run, as mdevd serves all
 of its devices: "victim" and "flooded" (both the RawDevice of
@@ -17,7 +18,9 @@ Prints, per tree (--tree, default this one; give two to compare the code
 of two checkouts in one run): the victim's median and p99 idle and during
 the flood, side by side, and how many round trips it completed during the
 flood; the flood rate the server sustained; the server's log volume per
-million bad messages.  Asserts nothing.
+million bad messages.  Each tree runs once per --io (default: both trio,
+a connection as a task of the one trio run, and thread, each connection
+on its own thread; "-" for a tree older than the option).  Asserts nothing.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def _serve(run_dir: str) -> None:
+def _serve(run_dir: str, io: str) -> None:
     """Server process: both devices in one trio run, until SIGTERM."""
     import trio
     from vfio_user_rtt import RawDevice
@@ -53,8 +57,9 @@ def _serve(run_dir: str) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 for name in ("victim", "flooded"):
+                    kw: dict[str, Any] = {"io": io} if io != "-" else {}
                     server = DeviceServer(
-                        RawDevice(), os.path.join(run_dir, f"{name}.sock"), name=name
+                        RawDevice(), os.path.join(run_dir, f"{name}.sock"), name=name, **kw
                     )
                     await nursery.start(server.serve)
                 print("serving", flush=True)
@@ -121,7 +126,7 @@ def _wait_line(proc: subprocess.Popen[str], expected: str) -> None:
         raise SystemExit(f"expected {expected!r} from {proc.args!r}, got {line!r}")
 
 
-def run_tree(tree: Path, reads: int, seconds: float) -> dict[str, float]:
+def run_tree(tree: Path, reads: int, seconds: float, io: str) -> dict[str, float]:
     from mdevcore.vfio_user.client import Client  # the victim's client: this tree's
 
     cmd = _python(tree)
@@ -129,7 +134,10 @@ def run_tree(tree: Path, reads: int, seconds: float) -> dict[str, float]:
         log_path = os.path.join(d, "server.log")
         with open(log_path, "w") as log_file:
             server = subprocess.Popen(
-                [*cmd, "--serve", d], stdout=subprocess.PIPE, stderr=log_file, text=True
+                [*cmd, "--serve", d, "--io", io],
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                text=True,
             )
         try:
             _wait_line(server, "serving")
@@ -179,6 +187,9 @@ def main() -> None:
     parser.add_argument(
         "--tree", type=Path, action="append", help="checkout whose mdevcore serves (repeatable)"
     )
+    parser.add_argument(
+        "--io", action="append", help="server I/O mode: trio, thread, - (repeatable; default both)"
+    )
     parser.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--flood", metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--import-from", type=Path, help=argparse.SUPPRESS)
@@ -187,26 +198,29 @@ def main() -> None:
         # before this script's own directory (vfio_user_rtt puts its tree first)
         sys.path[:0] = [str(args.import_from / "benchmarks"), str(args.import_from)]
     if args.serve:
-        _serve(args.serve)
+        _serve(args.serve, (args.io or ["-"])[0])
         return
     if args.flood:
         _flood(args.flood, args.seconds)
         return
     sys.path.insert(0, str(ROOT))
     trees = [t.resolve() for t in args.tree or [ROOT]]
-    rows = [(tree, run_tree(tree, args.reads, args.seconds)) for tree in trees]
+    modes = args.io or ["trio", "thread"]
+    rows = [
+        (tree, io, run_tree(tree, args.reads, args.seconds, io)) for tree in trees for io in modes
+    ]
     print(
         f"victim REGION_READ 4 bytes: {args.reads} round trips idle, as many as it gets in a "
         f"{args.seconds:g} s flood of the other device (one trio run serves both); "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"{'tree':<20}{'idle med':>9}{'idle p99':>9}{'flood med':>10}{'flood p99':>10}"
+        f"{'tree':<20}{'io':<7}{'idle med':>9}{'idle p99':>9}{'flood med':>10}{'flood p99':>10}"
         f"{'flood n':>8}{'after med':>10}{'flood msg/s':>12}{'log/1M msgs':>13}"
     )
-    for tree, r in rows:
+    for tree, io, r in rows:
         print(
-            f"{str(tree)[-20:]:<20}{r['idle_med']:>9.1f}{r['idle_p99']:>9.1f}"
+            f"{str(tree)[-20:]:<20}{io:<7}{r['idle_med']:>9.1f}{r['idle_p99']:>9.1f}"
             f"{r['flood_med']:>10.1f}{r['flood_p99']:>10.1f}{r['flood_reads']:>8}"
             f"{r['after_med']:>10.1f}{r['flood_rate']:>12,.0f}{r['log_per_m'] / 1024:>9,.0f} KiB"
         )

@@ -32,17 +32,19 @@ def strip_newline(text: str) -> str:
 
 
 def parse_uuid(data: bytes | str) -> uuid.UUID:
-    """A ``create`` write: a UUID, optionally followed by one newline.
+    """A ``create`` write, read as mdev's ``create_store`` reads it.
 
-    Only the canonical 8-4-4-4-12 form is accepted (like the kernel's
-    ``guid_parse``): no braces, no ``urn:uuid:`` prefix, no spaces.
-    Anything else raises ``OSError(EINVAL)``.
+    The write must be 36 or 37 bytes; ``guid_parse`` then looks at the first
+    36 only, so the 37th may be any byte (the newline ``echo`` adds, or
+    anything else), and a NUL ends the string first (``kstrndup``).  Only
+    the canonical 8-4-4-4-12 form is accepted: no braces, no ``urn:uuid:``
+    prefix, no spaces.  Anything else raises ``OSError(EINVAL)``.
     """
-    text = _text(data)
-    if len(text) == UUID_STRING_LEN + 1 and text.endswith("\n"):
-        text = text[:-1]
-    if len(text) != UUID_STRING_LEN:
+    if not UUID_STRING_LEN <= len(data) <= UUID_STRING_LEN + 1:
         raise OSError(errno.EINVAL, f"expected a UUID, got {len(data)} bytes")
+    text = _c_string(_text(data))[:UUID_STRING_LEN]
+    if len(text) != UUID_STRING_LEN:
+        raise OSError(errno.EINVAL, f"{text!r} is not a UUID")
     for i, ch in enumerate(text):
         ok = ch == "-" if i in _DASHES else ch in _HEX
         if not ok:

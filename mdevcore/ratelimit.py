@@ -3,7 +3,8 @@
 A hostile client can make a device fail a million requests a second.  Each
 failure is still counted (operators read the counts), but only the first
 ``burst`` occurrences of each (source, kind) pair are logged; after that
-one summary line per ``interval`` says how many were suppressed.  Sources
+one summary line per ``interval`` says how many were suppressed, for as
+long as the flood goes on; a kind quiet for an interval starts afresh.  Sources
 are e.g. "device X, client 3"; kinds are e.g. "EINVAL REGION_READ".
 """
 
@@ -25,6 +26,8 @@ class _Kind:
     suppressed: int = 0
     window_start: float = 0.0
     summarised_at: float | None = None  # when flush() last summarised this kind
+    flooded: bool = False  # something was suppressed in this window (flush() or not)
+    last_seen: float = 0.0
 
 
 class RateLimitedLog:
@@ -82,12 +85,20 @@ class RateLimitedLog:
                     now - state.window_start,
                     extra=self._extra(source, kind),
                 )
-            state.logged, state.suppressed, state.window_start = 0, 0, now
+            # A flood that goes on stays summarised: a fresh burst every
+            # interval would let one guest write burst lines per kind per
+            # interval forever.  A kind with nothing suppressed in the last
+            # window, or quiet for an interval since, gets its burst back.
+            still = state.flooded and now - state.last_seen < self.interval
+            state.logged = self.burst if still else 0
+            state.suppressed, state.flooded, state.window_start = 0, False, now
+        state.last_seen = now
         if state.logged < self.burst:
             state.logged += 1
             self.logger.log(level, msg, *args, exc_info=exc_info, extra=self._extra(source, kind))
         else:
             state.suppressed += 1
+            state.flooded = True
 
     def flush(self, source: Hashable, level: int = logging.INFO) -> None:
         """Log what is suppressed for ``source`` now (e.g. when its client leaves).

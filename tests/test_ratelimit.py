@@ -23,13 +23,22 @@ def test_bursts_then_summaries(caplog: pytest.LogCaptureFixture) -> None:
             "other device",
         ]
         caplog.clear()
+        now[0] = 9.0
+        limited.log(logging.INFO, "dev a", "EINVAL", "the flood goes on")
         now[0] = 11.0
+        limited.log(logging.INFO, "dev a", "EINVAL", "and on")
+        # A flood that goes on gets a summary per interval, not a new burst.
+        assert [r.getMessage() for r in caplog.records] == [
+            "dev a: EINVAL: 998 more suppressed in the last 11 s",
+        ]
+        caplog.clear()
+        now[0] = 30.0  # quiet for more than an interval: the kind starts afresh
         limited.log(logging.INFO, "dev a", "EINVAL", "bad request again")
         assert [r.getMessage() for r in caplog.records] == [
-            "dev a: EINVAL: 997 more suppressed in the last 11 s",
+            "dev a: EINVAL: 1 more suppressed in the last 19 s",
             "bad request again",
         ]
-    assert limited.total("dev a") == {"EINVAL": 1001}
+    assert limited.total("dev a") == {"EINVAL": 1003}
     assert limited.total("dev b") == {"EINVAL": 1}
 
 

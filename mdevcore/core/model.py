@@ -57,15 +57,16 @@ class MdevDevice:
     uuid: uuid.UUID
     type: MdevType
     backend: DeviceBackend
+    # The device name as sysfs shows it: the lower-case UUID (formatted once:
+    # every view and the server manager ask for it).
+    name: str = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.name = str(self.uuid)
 
     @property
     def parent(self) -> Parent:
         return self.type.parent
-
-    @property
-    def name(self) -> str:
-        """The device name as sysfs shows it: the lower-case UUID."""
-        return str(self.uuid)
 
 
 def _check_location(name: str, location: str) -> str:

@@ -2,7 +2,8 @@
 
 mdevd serve [--config FILE | --no-config] [--sysfs DIR] [--run-dir DIR] [--persist DIR]
             [--mdevctl-config DIR] [--parent-opt NAME.KEY=VALUE]...
-            [--transport native|libvfio-user] [--parent-transport PARENT=TRANSPORT]...
+            [--transport native|libvfio-user] [--io thread|trio]
+            [--parent-transport PARENT=TRANSPORT]...
             [--log-format text|json] [--log-level LEVEL]
 mdevd parents
 mdevd new-parent NAME [--dir DIR]
@@ -112,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=TRANSPORTS,
         default="native",
         help="vfio-user implementation serving the devices (default native)",
+    )
+    s.add_argument(
+        "--io",
+        choices=("thread", "trio"),
+        default="",
+        help="native transport: serve each connection on its own thread (devices that "
+        "allow it; the default) or as a trio task",
     )
     s.add_argument(
         "--parent-transport",

@@ -3,6 +3,17 @@
 One JSON file per device, ``<dir>/<uuid>``, written atomically when the
 device is created and removed with it.  Files stay when the daemon stops,
 which is the point.
+
+What a crash loses: the record is written (a temporary file renamed over
+``<uuid>``) and a remove's unlink done before ``create``/``remove``
+returns, with no fsync.  So the daemon crashing or being killed at any
+moment loses nothing that returned: the page cache holds it.  A power loss
+or kernel crash may lose the last few seconds of changes (the
+filesystem's commit interval, 5 s on ext4): a device created just before
+may come back missing (or as an empty record, which restore skips with a
+warning) and one removed just before may come back.  Without the reboot's
+persistence mdevd offers, the kernel's own mdevs do not survive a reboot at
+all; a flush per create would cost a disk write for that window.
 """
 
 from __future__ import annotations

@@ -74,6 +74,19 @@ class GuestMemory:
         self.mem[off : off + len(data)] = data
         self.mark_dirty(iova, len(data))
 
+    def store32(self, iova: int, value: int) -> None:
+        """A vCPU's aligned 32-bit store: one store a polling device sees whole.
+
+        For values a device reads while we write them (shadow doorbells); a
+        bytes copy may be split into smaller stores.
+        """
+        if iova % 4:
+            raise ValueError(f"unaligned 32-bit store at {iova:#x}")
+        off = self._offset(iova, 4)
+        with self.mem[off : off + 4].cast("I") as word:
+            word[0] = value
+        self.mark_dirty(iova, 4)
+
     def mark_dirty(self, iova: int, length: int) -> None:
         if length <= 0:
             return

@@ -22,11 +22,17 @@ MSI-X table) returns to its power-on value, all interrupt eventfds are
 closed and the migration state returns to RUNNING.  A guest-initiated
 FLR (PCI Express Device Control bit 15) resets all of config space and
 keeps the eventfds (the VMM did not ask).
+
+Threading: ``device_lock`` (an RLock) guards the device when a connection
+thread serves it (the rule: ``mdevcore.vfio_user.locking``).  The engine
+calls everything here with it held; ``reset`` and ``close``, which the
+trio side also calls (a driver releasing a VF, device removal), take it.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -81,6 +87,8 @@ BACKEND_NAMES = frozenset(
         "disconnected",
         "close",
         "run",
+        "device_lock",
+        "serve_in_thread",
     }
 )
 
@@ -104,6 +112,7 @@ class PciBackend:
     _port: DmaPort | None
     _closed: bool
     _migratable: bool
+    device_lock: threading.RLock  # see the module doc
 
     if TYPE_CHECKING:
         # The parent's hooks, defined (with defaults) by PciDevice.
@@ -116,6 +125,7 @@ class PciBackend:
         def on_irqs_changed(self, index: int) -> None: ...
         def on_close(self) -> None: ...
         async def background(self) -> None: ...
+        def log_guest(self, kind: str, msg: str, *args: object, level: int = ...) -> None: ...
 
     # --- device and regions --------------------------------------------------
 
@@ -269,7 +279,7 @@ class PciBackend:
         if self._sriov is not None and touches(self._sriov.layout.offset + caps.SRIOV_CTRL, 0x0A):
             self._sriov.written()
         if flr:
-            self.log.info("function level reset by the guest")
+            self.log_guest("function level reset", "function level reset by the guest")
             self._reset(full=True)
             return
         self.on_config_write(offset, data)
@@ -319,8 +329,9 @@ class PciBackend:
         self.dma.unmap(address, size, flags)
 
     def reset(self) -> None:
-        self.log.info("device reset")
-        self._reset(full=False)
+        with self.device_lock:
+            self.log_guest("reset", "device reset")
+            self._reset(full=False)
 
     def _reset(self, *, full: bool) -> None:
         if full:
@@ -355,17 +366,18 @@ class PciBackend:
 
     def close(self) -> None:
         """Release everything (the device is being removed); safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.on_close()
-        finally:
-            self.disconnected()
-            for bar in self.bars:
-                if bar is not None:
-                    bar.close()
-            self.bars = [None] * 6
+        with self.device_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.on_close()
+            finally:
+                self.disconnected()
+                for bar in self.bars:
+                    if bar is not None:
+                        bar.close()
+                self.bars = [None] * 6
 
     async def run(self) -> None:
         await self.background()

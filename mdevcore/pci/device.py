@@ -50,6 +50,19 @@ What the parent gets:
   (``mig_session``, ``features``).
 * Lifetime: ``background`` runs while the device is served; ``on_close``
   when it is removed (the core closes removed devices).
+* Threading (the rule: ``mdevcore.vfio_user.locking``): a device may be
+  served by a connection thread (``mdevd serve --io thread``, the
+  default).  Every hook is then called with ``device_lock`` held, and the
+  framework holds it for the trio side too: ``background`` runs under it
+  except while it awaits, and ``reset``, ``close``, ``raise_irq``,
+  ``set_migratable``, ... take it.  So a parent thinks of no lock, with
+  one duty: hooks touch no trio object (no ``trio.Event.set()`` from
+  ``bar_write``).  ``thread_safe_hooks`` says whether that holds; left
+  None, a device with its own ``background`` is assumed to talk to it
+  through trio and is served by trio, others by a thread.  Code of the
+  parent's own that touches the device from trio outside these (a nursery
+  of its own in ``background``, a sysfs attribute of a hosted parent)
+  takes ``with device.device_lock:``.
 """
 
 from __future__ import annotations
@@ -58,8 +71,9 @@ import dataclasses
 import enum
 import errno
 import logging
+import threading
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, ClassVar
 
 from mdevcore.pci import caps
 from mdevcore.pci import config as cfg
@@ -77,6 +91,7 @@ from mdevcore.pci.migration import (
 )
 from mdevcore.pci.msix import MsixTable
 from mdevcore.pci.sriov import SriovControl
+from mdevcore.ratelimit import RateLimitedLog
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DmaPort
 
@@ -149,10 +164,15 @@ class PciDevice(PciBackend):
                   (OSError(EFAULT) when not fully inside one mapping).
       name     -- used in log messages (defaults to the class name).
       log      -- a logger that prefixes the name.
+      log_guest(kind, msg, ...) -- for what a guest can make happen at will
+                  (resets, bad register writes): rate-limited per kind.
     """
 
     # VFIO_MIGRATION_* bits; 0 = not migratable.
     migration_flags: int = 0
+    # Whether the hooks may run on a connection thread (see the module doc):
+    # None = yes unless the class has its own background().
+    thread_safe_hooks: ClassVar[bool | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,8 +191,10 @@ class PciDevice(PciBackend):
         self, identity: PciIdentity, *, config_size: int = 256, name: str | None = None
     ) -> None:
         self.identity = identity
+        self.device_lock = threading.RLock()
         self._name = name or type(self).__name__
         self.log = _DeviceLog(log, self)
+        self._guest_log: RateLimitedLog | None = None  # made on first use (most never need it)
         self.config = ConfigSpace(config_size)
         self.bars: list[Bar | None] = [None] * 6
         self.rom = b""  # expansion ROM image (padded to its power-of-two size)
@@ -198,6 +220,16 @@ class PciDevice(PciBackend):
         self.name = self._name  # tells the components
         self._write_header(identity)
 
+    def log_guest(self, kind: str, msg: str, *args: object, level: int = logging.INFO) -> None:
+        """Log an event the guest can repeat at will: the first few of ``kind``, then summaries.
+
+        A guest resetting its device in a loop must not fill the disk or
+        drown other devices' messages (mdevcore.ratelimit).
+        """
+        if self._guest_log is None:
+            self._guest_log = RateLimitedLog(self.log)
+        self._guest_log.log(level, "guest", kind, msg, *args)
+
     @property
     def name(self) -> str:
         """The device's name in log messages (a parent may set e.g. its UUID)."""
@@ -208,6 +240,14 @@ class PciDevice(PciBackend):
         self._name = value
         self.irqs.owner = value
         self.dma.owner = value
+
+    @property
+    def serve_in_thread(self) -> bool:
+        """Whether a connection thread may serve this device (``thread_safe_hooks``)."""
+        declared = type(self).thread_safe_hooks
+        if declared is not None:
+            return declared
+        return type(self).background is PciDevice.background
 
     @property
     def mig_state(self) -> MigState:
@@ -222,16 +262,18 @@ class PciDevice(PciBackend):
         """
         if self.migration is None:
             raise ValueError(f"{type(self).__name__} has no migration_flags")
-        if not on:
-            self.migration.reset()
-        self._migratable = on
+        with self.device_lock:
+            if not on:
+                self.migration.reset()
+            self._migratable = on
 
     def set_migration_state(self, wanted: int) -> None:
         """Walk the FSM to ``wanted`` (what MIG_DEVICE_STATE SET does); for tests and tools."""
-        session = self._offered_migration()
-        if session is None:
-            raise OSError(errno.ENOTTY, "the device is not migratable")
-        session.set_state(wanted)
+        with self.device_lock:
+            session = self._offered_migration()
+            if session is None:
+                raise OSError(errno.ENOTTY, "the device is not migratable")
+            session.set_state(wanted)
 
     def _write_header(self, ident: PciIdentity) -> None:
         c = self.config
@@ -466,16 +508,17 @@ class PciDevice(PciBackend):
         and fire on unmask.  INTx auto-masks; SET_IRQS UNMASK unmasks, and
         the command register's INTx-disable bit holds it back.
         """
-        index = self.irqs.active_index()
-        if index is None:
-            if self.irqs.indexes[vfio.PCI_INTX_IRQ_INDEX].count and vector == 0:
-                # Latch it: the guest sees Interrupt Status until it enables INTx.
-                self.irqs.signal(vfio.PCI_INTX_IRQ_INDEX, 0)
-            return
-        if index == vfio.PCI_INTX_IRQ_INDEX and vector != 0:
-            self.log.debug("vector %d raised while only INTx is enabled", vector)
-            vector = 0
-        self.irqs.signal(index, vector)
+        with self.device_lock:
+            index = self.irqs.active_index()
+            if index is None:
+                if self.irqs.indexes[vfio.PCI_INTX_IRQ_INDEX].count and vector == 0:
+                    # Latch it: the guest sees Interrupt Status until it enables INTx.
+                    self.irqs.signal(vfio.PCI_INTX_IRQ_INDEX, 0)
+                return
+            if index == vfio.PCI_INTX_IRQ_INDEX and vector != 0:
+                self.log.debug("vector %d raised while only INTx is enabled", vector)
+                vector = 0
+            self.irqs.signal(index, vector)
 
     def trigger(self, irq_index: int, vector: int = 0) -> bool:
         """Low level: signal eventfd ``vector`` of IRQ index ``irq_index`` (an ``Irq``).
@@ -484,11 +527,13 @@ class PciDevice(PciBackend):
         """
         if not 0 <= irq_index < vfio.PCI_NUM_IRQS:
             raise ValueError(f"no IRQ index {irq_index}")
-        return self.irqs.signal(irq_index, vector)
+        with self.device_lock:
+            return self.irqs.signal(irq_index, vector)
 
     def set_intx(self, level: bool) -> None:
         """Level-triggered INTx: while asserted, every unmask signals again."""
-        self.irqs.set_intx_level(level)
+        with self.device_lock:
+            self.irqs.set_intx_level(level)
 
     @property
     def intx_level(self) -> bool:
@@ -512,7 +557,8 @@ class PciDevice(PciBackend):
         """
         if self._sriov is None:
             raise OSError(errno.ENOENT, "no SR-IOV capability")
-        self._sriov.configure(num_vfs)
+        with self.device_lock:
+            self._sriov.configure(num_vfs)
 
     @property
     def sriov_state(self) -> tuple[int, bool]:

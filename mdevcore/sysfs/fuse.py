@@ -6,9 +6,15 @@ make it behave like sysfs (what mdevctl and shells rely on):
 - attribute files report size 4096 and are opened ``direct_io`` so every
   read reaches ``show`` and every write(2) is exactly one ``store``;
 - a read at offset 0 renders afresh, later offsets continue that render;
-- volatile entries (device dirs, links) have zero cache timeouts so the
-  tree is what the next syscall sees; static ones are cached briefly and
-  invalidated when they are detached (a parent unregistering);
+- volatile entries (device dirs, links) have a zero entry timeout, so every
+  path walk asks the tree again and sees what the last write left; static
+  ones are cached briefly and invalidated when they are detached (a parent
+  unregistering);
+- attributes (mode, size) are cached briefly for every node, volatile or
+  not: they never change while a node lives and its inode number is never
+  reused, so a cached one is never wrong, and ``default_permissions``
+  checks need no GETATTR per path component (two fewer requests per
+  ``echo 1 > .../remove``);
 - ``readdir`` serves a snapshot taken at ``opendir``;
 - O_TRUNC arrives in ``open`` (atomic_o_trunc) and ``setattr`` is a no-op.
 
@@ -85,9 +91,8 @@ class SysfsOperations(pyfuse3.Operations):
         a.st_gid = self.gid
         a.st_blksize = 4096
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._stamp
-        timeout = 0 if node.volatile else STATIC_TIMEOUT
-        a.entry_timeout = timeout
-        a.attr_timeout = timeout
+        a.entry_timeout = 0 if node.volatile else STATIC_TIMEOUT
+        a.attr_timeout = STATIC_TIMEOUT  # immutable per inode (module doc)
         return a
 
     # --- metadata ---------------------------------------------------------

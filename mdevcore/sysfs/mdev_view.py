@@ -118,6 +118,7 @@ class MdevSysfs:
         self._drivers_dir = self.tree.mkdir("bus/mdev/drivers", keep=True)
         self._driver_users: dict[str, int] = {}
         self._dir_cache: dict[str, Dir] = {}  # hot directories of _add/_remove_device
+        self._link_cache: dict[tuple[str, str], str] = {}  # (from, to) -> relative_link
         core.subscribe(self._on_event, replay=True)
 
     def close(self) -> None:
@@ -198,13 +199,26 @@ class MdevSysfs:
 
     # --- devices ----------------------------------------------------------
 
+    def _link_to(self, from_dir: str, to_dir: str, name: str = "") -> str:
+        """relative_link(from_dir, to_dir[/name]), the directories' part remembered.
+
+        Links to a device differ only in its name, and ``name`` (a UUID) is
+        never a component of ``from_dir``, so the directories' part holds.
+        """
+        key = (from_dir, to_dir)
+        prefix = self._link_cache.get(key)
+        if prefix is None:
+            prefix = self._link_cache[key] = relative_link(from_dir, to_dir)
+        if not name:
+            return prefix
+        return name if prefix == "." else f"{prefix}/{name}"
+
     def _add_device(self, device: MdevDevice) -> None:
         t = self.tree
         core = self.core
         parent = device.parent
         name = device.name
-        dev_path = f"{parent.location}/{name}"
-        ddir = t.mkdir(dev_path, volatile=True)
+        ddir = t.add_dir(self._dir(parent.location), name, volatile=True)
 
         def remove(data: bytes) -> None:
             remove_store(core, device.uuid, data)
@@ -217,15 +231,21 @@ class MdevSysfs:
             _store_uevent,
             volatile=True,
         )
+        # A device dir sits right under its parent's: "../" and the parent's
+        # relative link, the same for every device of the parent.
         type_path = f"{parent.location}/mdev_supported_types/{device.type.id}"
-        t.add_link(ddir, "mdev_type", relative_link(dev_path, type_path), volatile=True)
-        t.add_link(ddir, "subsystem", relative_link(dev_path, "bus/mdev"), volatile=True)
+        up = self._link_to(parent.location, type_path)
+        t.add_link(ddir, "mdev_type", f"../{up}", volatile=True)
+        up = self._link_to(parent.location, "bus/mdev")
+        t.add_link(ddir, "subsystem", f"../{up}", volatile=True)
         drv_path = f"bus/mdev/drivers/{parent.driver.name}"
-        t.add_link(ddir, "driver", relative_link(dev_path, drv_path), volatile=True)
+        up = self._link_to(parent.location, drv_path)
+        t.add_link(ddir, "driver", f"../{up}", volatile=True)
         self._add_driver_attrs(ddir, device)
         if self.socket_path is not None:
             sock = self.socket_path(device.uuid)
-            vdir = t.mkdir(f"{dev_path}/vfio_user", volatile=True)
+            # mkdir -p: a driver attribute "vfio_user/..." may have made it
+            vdir = t.mkdir(f"{t.path_of(ddir)}/vfio_user", volatile=True)
             t.add_attr(vdir, "socket", lambda: f"{sock}\n", volatile=True)
             t.add_attr(vdir, "qemu_device", lambda: f"{qemu_device_arg(sock)}\n", volatile=True)
             errors = self.vfio_errors
@@ -233,12 +253,14 @@ class MdevSysfs:
                 dev_uuid = device.uuid
                 t.add_attr(vdir, "errors", lambda: errors(dev_uuid), volatile=True)
         # links pointing at the device
-        tdevs = self._dir(f"{type_path}/devices")
-        t.add_link(tdevs, name, relative_link(f"{type_path}/devices", dev_path), volatile=True)
+        loc = parent.location
+        tdevs_path = f"{type_path}/devices"
+        tdevs = self._dir(tdevs_path)
+        t.add_link(tdevs, name, self._link_to(tdevs_path, loc, name), volatile=True)
         bus = self._dir("bus/mdev/devices")
-        t.add_link(bus, name, relative_link("bus/mdev/devices", dev_path), volatile=True)
+        t.add_link(bus, name, self._link_to("bus/mdev/devices", loc, name), volatile=True)
         drv_dir = self._dir(drv_path)
-        t.add_link(drv_dir, name, relative_link(drv_path, dev_path), volatile=True)
+        t.add_link(drv_dir, name, self._link_to(drv_path, loc, name), volatile=True)
 
     def _add_driver_attrs(self, ddir: Dir, device: MdevDevice) -> None:
         t = self.tree

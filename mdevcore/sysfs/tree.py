@@ -163,6 +163,13 @@ class SysfsTree:
             cur.keep = cur.keep or keep
             return cur
 
+    def add_dir(self, parent: Dir, name: str, *, volatile: bool = False) -> Dir:
+        """A new directory ``name`` in ``parent`` (EEXIST if the name is taken)."""
+        with self.lock:
+            node = Dir(self._ino(), name, parent, volatile)
+            self._attach(parent, node)
+            return node
+
     def add_attr(
         self,
         parent: Dir,

@@ -14,7 +14,7 @@ import trio
 
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.client import Client
-from mdevcore.vfio_user.server import DeviceServer
+from mdevcore.vfio_user.server import DEFAULT_IO, DeviceServer
 
 
 class ServedDevice:
@@ -37,15 +37,24 @@ class ServedDevice:
 
 @contextmanager
 def serve(
-    device: DeviceBackend, path: str | os.PathLike[str] | None = None, *, name: str | None = None
+    device: DeviceBackend,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    io: str = DEFAULT_IO,
 ) -> Iterator[ServedDevice]:
     """Serve ``device`` until the block ends (the server runs in its own trio thread).
 
+    ``io`` is the server's (``DeviceServer``): "thread" serves each
+    connection on its own thread if the device allows it, "trio" in the
+    server's trio run.
+
     The socket goes in a fresh short directory unless ``path`` is given
-    (AF_UNIX paths must stay under 108 bytes).  Touch the device only
-    through clients while it is served: the server thread owns it.  An
-    exception in the server (or the device's background task) is raised
-    here when the block ends.
+    (AF_UNIX paths must stay under 108 bytes).  While it is served, reach
+    the device through clients, or hold its ``device_lock`` (a PciDevice's)
+    to look at it: the server's threads use it meanwhile.  An exception in
+    the server (or the device's background task) is raised here when the
+    block ends.
     """
     scratch = None
     if path is None:
@@ -62,7 +71,7 @@ def serve(
         token.append(trio.lowlevel.current_trio_token())
         with scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(DeviceServer(device, sock, name=label).serve)
+                await nursery.start(DeviceServer(device, sock, name=label, io=io).serve)
                 started.set()
 
     def run() -> None:

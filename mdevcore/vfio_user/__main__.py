@@ -1,7 +1,10 @@
 """Standalone runner: ``python -m mdevcore.vfio_user --device pkg.mod:Class --socket PATH``.
 
 ``--transport libvfio-user`` serves it through libvfio-user instead of the
-native engine (``--spin-us`` then does not apply).
+native engine (``--spin-us``, ``--io`` and ``--profile`` then do not apply).
+``--io thread|trio``: a connection on its own thread (when the device
+allows it) or as a trio task; ``--profile`` prints per-command costs to
+stderr when a client leaves (``mdevcore.vfio_user.profile``).
 
 Builds the device with no arguments, serves it until SIGTERM/SIGINT and
 exits 0 after removing the socket.
@@ -18,7 +21,7 @@ import trio
 
 from mdevcore.loader import load_object
 from mdevcore.vfio_user.backend import DeviceBackend
-from mdevcore.vfio_user.server import DEFAULT_SPIN_US, serve_forever
+from mdevcore.vfio_user.server import DEFAULT_IO, DEFAULT_SPIN_US, IO_MODES, serve_forever
 
 
 def load_device(spec: str) -> DeviceBackend:
@@ -44,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         help="poll this long for the next request before sleeping (0 = never)",
     )
     parser.add_argument(
+        "--io",
+        choices=IO_MODES,
+        default=DEFAULT_IO,
+        help=f"serve a connection on its own thread or as a trio task (default {DEFAULT_IO})",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print per-command costs when a client leaves"
+    )
+    parser.add_argument(
         "--transport",
         choices=("native", "libvfio-user"),
         default="native",
@@ -62,7 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
         trio.run(partial(serve_libvfio_user, device, args.socket, name=name))
         return 0
-    trio.run(partial(serve_forever, device, args.socket, name=name, spin_us=args.spin_us))
+    serve = partial(
+        serve_forever,
+        device,
+        args.socket,
+        name=name,
+        spin_us=args.spin_us,
+        io=args.io,
+        profile=args.profile,
+    )
+    trio.run(serve)
     return 0
 
 

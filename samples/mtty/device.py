@@ -144,7 +144,7 @@ class MttyDevice(PciDevice):
     def on_reset(self) -> None:
         # mtty.c's VFIO_DEVICE_RESET returns migration to RUNNING (PciDevice
         # does that) and leaves the ports as they are: so does this card.
-        self.log.info("reset: ports keep their state, as with mtty.c")
+        self.log_guest("ports kept", "reset: ports keep their state, as with mtty.c")
 
     # --- interrupts -----------------------------------------------------------
 

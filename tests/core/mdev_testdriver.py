@@ -20,7 +20,10 @@ from mdevcore.vfio_user.backend import DeviceInfo, DmaMapping, DmaPort, IrqInfo,
 class ScratchDevice:
     """A DeviceBackend with a writable 256-byte config region and no IRQs."""
 
+    serve_in_thread = True  # plain memory: a connection thread may serve it
+
     def __init__(self, slots: int) -> None:
+        self.device_lock = threading.RLock()
         self.slots = slots
         self.config = bytearray(256)
         self.busy = False  # the test flips this to make remove refuse

@@ -39,8 +39,9 @@ def status_json(d: Mdevd) -> dict[str, dict[str, object]]:
     return {str(dev["name"]): dev for dev in json.loads(r.stdout)}
 
 
-def test_flood_is_counted_logged_briefly_and_shown(tmp_path: Path) -> None:
-    d = Mdevd(tmp_path)
+@pytest.mark.parametrize("io", ["thread", "trio"])
+def test_flood_is_counted_logged_briefly_and_shown(tmp_path: Path, io: str) -> None:
+    d = Mdevd(tmp_path, "--io", io)
     try:
         flooded, quiet = str(uuid.uuid4()), str(uuid.uuid4())
         r = sh(f"echo {flooded} > {T2}/create && echo {quiet} > {T2}/create", d.sysfs)
@@ -72,6 +73,7 @@ def test_flood_is_counted_logged_briefly_and_shown(tmp_path: Path) -> None:
             time.sleep(0.05)
         devices = status_json(d)
         assert devices[flooded]["connected"] is False
+        assert devices[flooded]["io"] == io  # the pool device allows a thread
         assert devices[flooded]["errors"] == {
             "EINVAL REGION_READ": 1,
             "EINVAL REGION_WRITE": FLOOD,

@@ -34,6 +34,7 @@ def test_the_file_sets_options_and_flags_win(tmp_path: Path) -> None:
         sysfs = "/run/a/mirror"
         persist = "/var/lib/a"
         transport = "native"
+        io = "trio"
         parent-transport = { mtty = "libvfio-user" }
         no-parent = ["ifcvf"]
         log-format = "json"
@@ -46,6 +47,7 @@ def test_the_file_sets_options_and_flags_win(tmp_path: Path) -> None:
     args = _args(path, "--sysfs", "/run/b", "--no-parent", "pds", "--pds-doorbells", "trapped")
     assert args.run_dir == Path("/run/a") and args.persist == Path("/var/lib/a")
     assert args.sysfs == Path("/run/b")  # the flag
+    assert args.io == "trio"  # a flag added to serve is a key without a change to config.py
     assert args.parent_transport == ["mtty=libvfio-user"]
     assert args.no_parent == ["ifcvf", "pds"]  # a list flag adds to the file
     assert args.log_format == "json" and args.log_level == "info"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 
 import pytest
@@ -12,6 +13,7 @@ from mdevcore.pci import caps
 from mdevcore.pci import config as cfg
 from mdevcore.pci.device import PciDevice, PciIdentity
 from mdevcore.pci.migration import MigState
+from mdevcore.ratelimit import RateLimitedLog
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DeviceBackend
 from samples.counter import MAGIC, Counter
@@ -96,3 +98,16 @@ def test_device_name_reaches_logs(caplog: pytest.LogCaptureFixture) -> None:
         dev.set_irqs(vfio.PCI_MSI_IRQ_INDEX, vfio.IRQ_SET_DATA_NONE | 0x20, 0, 0, b"", [])
     assert all("[3b1f0c2e-uuid]" in r.getMessage() for r in caplog.records)
     assert len(caplog.records) >= 2
+
+
+def test_a_guest_resetting_in_a_loop_writes_a_bounded_log(caplog: pytest.LogCaptureFixture) -> None:
+    """DEVICE_RESET is the guest's to repeat: the log takes the first few, then summaries."""
+    dev = Counter()
+    try:
+        with caplog.at_level(logging.INFO, logger="mdevcore.pci.device"):
+            for _ in range(1000):
+                dev.reset()
+        resets = [r for r in caplog.records if r.getMessage().endswith("device reset")]
+        assert len(resets) == RateLimitedLog(logging.getLogger()).burst
+    finally:
+        dev.close()

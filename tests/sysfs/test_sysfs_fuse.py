@@ -169,3 +169,20 @@ async def test_whole_tree_walks_and_reads(mirror: Mirror) -> None:
     names = (await mirror.out("find . | sort")).split()
     assert f"./bus/mdev/devices/{U1}" in names
     assert f"./{P}/{U1}/vfio_user/qemu_device" in names
+
+
+async def test_cached_attributes_never_outlive_an_entry(mirror: Mirror) -> None:
+    # Attributes are cached, entries of volatile nodes are not: right after a
+    # remove the device's path is gone even though its attributes were just
+    # stat'ed, and the same UUID created again is a new directory.
+    dev = f"bus/mdev/devices/{U1}"
+    await mirror.out(f"echo {U1} > {T2}/create")
+    first = await mirror.out(f"stat -L -c %i {dev} {dev}/remove {dev}/mdev_type")
+    await mirror.out(f"echo 1 > {dev}/remove")
+    r = await mirror.sh(f"stat -L {dev}/remove || stat -L {P}/{U1} || echo gone")
+    assert r.stdout.decode().endswith("gone\n")
+    await mirror.out(f"echo {U1} > {T2}/create")
+    again = await mirror.out(f"stat -L -c %i {dev} {dev}/remove {dev}/mdev_type")
+    assert set(first.split()).isdisjoint(again.split()[:2])  # new inodes; the type dir stays
+    assert again.split()[2] == first.split()[2]
+    assert await mirror.out(f"cat {dev}/vendor/sample_mdev_dev") == f"This is MDEV {U1}\n"

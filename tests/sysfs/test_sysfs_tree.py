@@ -172,3 +172,26 @@ def test_symlink_loops_and_plain_tree() -> None:
     with pytest.raises(OSError) as info:
         t.readlink("a/b")
     assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    "location", ["pool", "devices/virtual/pool/pool", "devices/pci0000:00/0000:00:01.0/pool"]
+)
+def test_device_links_resolve_for_parents_at_any_depth(location: str) -> None:
+    # The view reuses link prefixes per parent: every link of a device (and
+    # to it) must still lead where the kernel's do, whatever the depth.
+    core = MdevCore()
+    core.register_parent("pool", location, PoolDriver(pool=4))
+    tree = MdevSysfs(core).tree
+    types = f"{location}/mdev_supported_types"
+    devices = [str(uuid.uuid4()) for _ in range(2)]
+    for dev, type_id in zip(devices, ("pool-1", "pool-2"), strict=True):
+        create_store(core, "pool", type_id, dev)
+    for dev, type_id in zip(devices, ("pool-1", "pool-2"), strict=True):
+        here = f"{location}/{dev}"
+        assert tree.realpath(f"{here}/mdev_type") == f"{types}/{type_id}"
+        assert tree.realpath(f"{here}/subsystem") == "bus/mdev"
+        assert tree.realpath(f"{here}/driver") == "bus/mdev/drivers/pool"
+        for holder in ("bus/mdev/devices", f"{types}/{type_id}/devices", "bus/mdev/drivers/pool"):
+            assert tree.realpath(f"{holder}/{dev}") == here
+        assert tree.readlink(f"{here}/subsystem").count("..") == here.count("/") + 1  # no shortcut

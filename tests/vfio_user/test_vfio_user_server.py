@@ -90,6 +90,12 @@ def u64(data: bytes) -> int:
     return int.from_bytes(data, "little")
 
 
+async def until_disconnected(served: Served) -> None:
+    with trio.fail_after(10):
+        while served.server.connected:
+            await trio.sleep(0.005)
+
+
 # --- VERSION -----------------------------------------------------------------
 
 
@@ -674,6 +680,7 @@ async def test_unknown_misdirected_and_fd_carrying_commands(served: Served) -> N
 
     await in_thread(go)
     os.close(efd)
+    await until_disconnected(served)  # the server closes its end after the client's
     assert open_fds() == before
 
 

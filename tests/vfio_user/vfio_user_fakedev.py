@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 
 import trio
@@ -171,10 +172,13 @@ class FakeDevice:
         store = self._storage(index, offset, len(data))
         store[offset : offset + len(data)] = data
         if index == 0 and offset == DMA_DOORBELL and len(data) == 8:
-            try:
-                self._jobs_send.send_nowait(int.from_bytes(data, "little"))
-            except trio.WouldBlock:
-                raise OSError(errno.EBUSY, "DMA queue full") from None
+            self._queue_job(int.from_bytes(data, "little"))
+
+    def _queue_job(self, address: int) -> None:
+        try:
+            self._jobs_send.send_nowait(address)
+        except trio.WouldBlock:
+            raise OSError(errno.EBUSY, "DMA queue full") from None
 
     # --- IRQs ---------------------------------------------------------------
 
@@ -352,3 +356,28 @@ class FakeDevice:
                 counter = DMA_DONE
             n = int.from_bytes(self.bar0[counter : counter + 8], "little") + 1
             self.bar0[counter : counter + 8] = n.to_bytes(8, "little")
+
+
+class ThreadFakeDevice(FakeDevice):
+    """FakeDevice that a connection thread may serve (the threading rule).
+
+    Build it in the trio thread: the doorbell hands jobs to ``run`` with
+    the trio token's ``run_sync_soon`` instead of touching the channel from
+    the connection thread.
+    """
+
+    serve_in_thread = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device_lock = threading.RLock()
+        self._token = trio.lowlevel.current_trio_token()
+        self.hook_threads: set[int] = set()  # threads region_write ran on
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        assert self.device_lock._is_owned()  # type: ignore[attr-defined]
+        self.hook_threads.add(threading.get_ident())
+        super().region_write(index, offset, data)
+
+    def _queue_job(self, address: int) -> None:
+        self._token.run_sync_soon(self._jobs_send.send_nowait, address)

@@ -348,7 +348,7 @@ class NvmeWorkload:
             self.regs.ring(q.qid, is_cq, new)
             return
         index = self.regs.stride * (2 * q.qid + int(is_cq))  # the doorbell layout, CAP.DSTRD
-        self.mem.write(self.shadow_page + index, new.to_bytes(4, "little"))
+        self.mem.store32(self.shadow_page + index, new)
         # The controller reads the shadow value after publishing EventIdx
         # (its fence); reading EventIdx only after our store closes the race.
         event_idx = int.from_bytes(self.mem.read(self.eventidx_page + index, 4), "little")

@@ -1,0 +1,315 @@
+"""Connections served on their own thread (``DeviceServer(io="thread")``).
+
+What the protocol answers is covered by test_vfio_user_server.py, which
+runs in both I/O modes; here what only the thread mode has: which thread
+runs the device, the device lock held by both sides, cancellation ending
+the thread, the trio side never waiting on a client, and the profile.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import pytest
+import trio
+
+from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
+from mdevcore.vfio_user.client import Client
+from mdevcore.vfio_user.constants import Command
+from mdevcore.vfio_user.locking import run_locked
+from mdevcore.vfio_user.server import DeviceServer
+from mdevcore.vfio_user.threaded import ThreadedClient
+from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
+
+T = TypeVar("T")
+IDENTITY = PciIdentity(vendor_id=0x1234, device_id=0x0042, class_code=0xFF0000)
+
+
+class Recorder(PciDevice):
+    """BAR0 of plain memory; its hooks note their thread and the lock."""
+
+    def __init__(self) -> None:
+        super().__init__(IDENTITY)
+        self.add_bar(0, 0x10000, BarKind.MEM32)
+        self.hook_threads: set[int] = set()
+        self.lock_held: list[bool] = []
+
+    def bar_read(self, bar: int, offset: int, size: int) -> bytes:
+        self.hook_threads.add(threading.get_ident())
+        self.lock_held.append(self.device_lock._is_owned())  # type: ignore[attr-defined]
+        return super().bar_read(bar, offset, size)
+
+    def on_reset(self) -> None:
+        self.lock_held.append(self.device_lock._is_owned())  # type: ignore[attr-defined]
+
+
+class WithBackground(Recorder):
+    """A background of its own: assumed to talk to it through trio."""
+
+    async def background(self) -> None:
+        await trio.sleep_forever()
+
+
+class DeclaredSafe(WithBackground):
+    """The same, declaring its hooks touch no trio object."""
+
+    thread_safe_hooks = True
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+@asynccontextmanager
+async def serving(device: PciDevice, path: str, **kw: object) -> AsyncIterator[DeviceServer]:
+    async with trio.open_nursery() as nursery:
+        server = DeviceServer(device, path, name="dev", **kw)  # type: ignore[arg-type]
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def connect(path: str) -> Client:
+    c = Client(path)
+    c.negotiate()
+    return c
+
+
+async def test_hooks_run_on_the_connection_thread_with_the_lock_held(sockdir: str) -> None:
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path) as server:  # thread is the default
+        assert server.io == "thread" and server.status()["io"] == "thread"
+
+        def go() -> None:
+            with connect(path) as c:
+                c.region_write(0, 0x10, b"abcd")
+                assert c.region_read(0, 0x10, 4) == b"abcd"
+                c.reset()
+
+        await in_thread(go)
+    assert dev.hook_threads and threading.get_ident() not in dev.hook_threads
+    assert dev.lock_held and all(dev.lock_held)
+
+
+@pytest.mark.parametrize(
+    ("cls", "io", "expected"),
+    [
+        (Recorder, "trio", "trio"),
+        (WithBackground, "thread", "trio"),
+        (DeclaredSafe, "thread", "thread"),
+    ],
+)
+async def test_which_devices_get_a_thread(
+    sockdir: str, cls: type[Recorder], io: str, expected: str
+) -> None:
+    dev = cls()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path, io=io) as server:
+        assert server.io == expected
+
+        def go() -> None:
+            with connect(path) as c:
+                assert c.region_read(0, 0, 4) == bytes(4)
+
+        await in_thread(go)
+    on_trio = threading.get_ident() in dev.hook_threads
+    assert on_trio == (expected == "trio")
+
+
+async def test_background_holds_the_lock_except_while_it_awaits() -> None:
+    lock = threading.RLock()
+    go = trio.Event()
+    seen: list[bool] = []
+
+    async def background() -> str:
+        seen.append(lock._is_owned())  # type: ignore[attr-defined]
+        await go.wait()
+        seen.append(lock._is_owned())  # type: ignore[attr-defined]
+        with pytest.raises(trio.TooSlowError):  # trio's exceptions come through
+            with trio.fail_after(0):
+                await trio.sleep(1)
+        return "done"
+
+    def other_thread_takes_it() -> bool:
+        if not lock.acquire(timeout=5):
+            return False
+        lock.release()
+        return True
+
+    async with trio.open_nursery() as nursery:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await run_locked(background, lock))
+
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert await in_thread(other_thread_takes_it)  # free while background awaits
+        go.set()
+    assert seen == [True, True] and result == ["done"]
+    assert not lock._is_owned()  # type: ignore[attr-defined]
+
+
+async def test_cancelling_run_locked_cancels_the_coroutine() -> None:
+    lock = threading.RLock()
+    cleaned: list[bool] = []
+
+    async def background() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned.append(lock._is_owned())  # type: ignore[attr-defined]
+
+    with trio.move_on_after(0.05):
+        await run_locked(background, lock)
+    assert cleaned == [True]
+
+
+async def test_disconnect_and_cancel_end_the_thread(sockdir: str) -> None:
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    with trio.fail_after(10):
+        await _disconnect_then_cancel(dev, path)
+
+
+async def _disconnect_then_cancel(dev: Recorder, path: str) -> None:
+    async with serving(dev, path) as server:
+        c = await in_thread(lambda: connect(path))
+        await in_thread(lambda: c.region_read(0, 0, 4))
+        assert server.connected
+        server.disconnect()  # the thread is blocked in recvmsg: shut down, joined
+        with pytest.raises((EOFError, ConnectionResetError)):
+            await in_thread(c.recv_message)
+        c.close()
+        with trio.fail_after(5):
+            while server.connected:
+                await trio.sleep(0.005)
+        # The next client is served as usual; then cancel with it connected.
+        c = await in_thread(lambda: connect(path))
+        assert await in_thread(lambda: c.region_read(0, 0, 4)) == bytes(4)
+    # serving() cancelled the nursery with a client connected: serve()
+    # returned, so the thread was stopped and joined.
+    c.close()
+    assert not os.path.exists(path)
+
+
+async def test_trio_side_never_waits_for_a_client_that_does_not_read(sockdir: str) -> None:
+    """The thread blocks in send (the client reads nothing) without the lock."""
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path) as server:
+        c = await in_thread(lambda: connect(path))
+        raw = c.sock
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        read = HEADER.pack(1, Command.REGION_READ, 32, 0, 0) + REGION_ACCESS.pack(0, 0, 0x8000)
+        raw.setblocking(False)
+        sent = 0
+        with trio.fail_after(10):
+            # Until our send buffer is full too: the server is stuck sending replies.
+            while True:
+                try:
+                    raw.send(read)
+                    sent += 1
+                except BlockingIOError:
+                    break
+                if sent % 64 == 0:
+                    await trio.sleep(0.001)
+        await trio.sleep(0.1)
+        assert sent > 4 and server.connected
+        # The trio side takes the lock (reset, status) while the thread is blocked.
+        assert dev.device_lock.acquire(timeout=2)
+        dev.device_lock.release()
+        dev.reset()
+        assert server.status()["connected"]
+        server.disconnect()  # ends the blocked send too
+        with trio.fail_after(5):
+            while server.connected:
+                await trio.sleep(0.005)
+        c.close()
+
+
+async def test_profile_prints_per_command_costs(
+    sockdir: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    for io in ("thread", "trio"):
+        dev = Recorder()
+        path = os.path.join(sockdir, f"{io}.sock")
+        async with serving(dev, path, io=io, profile=True) as server:
+
+            def go(path: str = path) -> None:
+                with connect(path) as c:
+                    for _ in range(10):
+                        c.region_read(0, 0, 4)
+                    c.region_write(0, 0, b"abcd")
+                    with pytest.raises(OSError) as info:
+                        c.region_read(9, 0, 4)
+                    assert info.value.errno == errno.EINVAL
+
+            await in_thread(go)
+            with trio.fail_after(5):
+                while server.connected:
+                    await trio.sleep(0.005)
+        err = capfd.readouterr().err
+        rows = {line.split()[0]: line.split() for line in err.splitlines() if line}
+        assert "profile" in rows and rows["REGION_READ"][1] == "11", err
+        assert rows["REGION_WRITE"][1] == "1" and rows["VERSION"][1] == "1"
+        engine, device, syscalls = map(float, rows["REGION_READ"][2:5])
+        assert engine > 0 and device > 0 and syscalls > 0
+
+
+async def test_both_sides_at_once_keep_the_device_whole(sockdir: str) -> None:
+    """A client hammering the device while trio resets it and reads status."""
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path) as server:
+
+        def client() -> int:
+            done = 0
+            with connect(path) as c:
+                for i in range(300):
+                    value = i.to_bytes(4, "little")
+                    c.region_write(0, 0x100, value)
+                    assert c.region_read(0, 0x100, 4) == value  # reset keeps BAR memory
+                    done += 1
+            return done
+
+        async with trio.open_nursery() as nursery:
+            results: list[int] = []
+
+            async def run_client() -> None:
+                results.append(await in_thread(client))
+
+            nursery.start_soon(run_client)
+            resets = 0
+            while not results:
+                dev.reset()  # trio side, under the lock
+                resets += 1
+                assert isinstance(server.status()["requests"], int)
+                await trio.sleep(0)
+    assert results == [300] and resets > 1
+    assert dev.lock_held and all(dev.lock_held)  # every hook, either side, under the lock
+
+
+async def test_spinning_thread_catches_a_bursting_client(sockdir: str) -> None:
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path, spin_us=2000) as server:
+
+        def go() -> None:
+            with connect(path) as c:
+                for i in range(50):
+                    c.region_write(0, 4 * i, i.to_bytes(4, "little"))
+                    assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
+                client = server._client
+                assert isinstance(client, ThreadedClient)
+                # Each request follows our reply within microseconds: polled, not waited for.
+                assert client.spin_hits > 50
+
+        await in_thread(go)
