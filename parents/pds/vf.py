@@ -174,11 +174,11 @@ class PdsNvmeVf(PciDevice):
             raise
         self.namespace = namespace
         self._wake = Wakeup()
-        # The mmap poller thread (parents.pds.poller): whether it runs, and
-        # its stop request from on_close (which must not close the eventfd
-        # under a thread blocked on it).
+        # Whether the mmap poller thread (parents.pds.poller) runs, and
+        # whether on_close ran: the processing task then stops; on_close must
+        # not close the eventfd under a thread blocked on it.
         self._polling = False
-        self._stop_polling = False
+        self._closing = False
         self._restored = False  # state loaded: kick interrupts when running again
 
     # --- interrupts ---------------------------------------------------------
@@ -297,7 +297,7 @@ class PdsNvmeVf(PciDevice):
         # (that path closes its namespace itself).
         controller = getattr(self, "controller", None)
         if controller is not None:
-            self._stop_polling = True
+            self._closing = True
             self._wake.set()
             if not self._polling:
                 self._wake.close()  # else the poller's task does, once its thread is joined
@@ -338,7 +338,7 @@ class PdsNvmeVf(PciDevice):
                 stop = True
                 self._wake.set()
 
-        if self._stop_polling:
+        if self._closing:
             return  # closed already
         self._polling = True
         try:
@@ -350,21 +350,21 @@ class PdsNvmeVf(PciDevice):
                         self,
                         self._wake,
                         self.vf.poll_spin,
-                        lambda: stop or self._stop_polling,
+                        lambda: stop or self._closing,
                         limiter=trio.CapacityLimiter(1),  # its own: any number of VFs get one
                     )
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
             self._polling = False
-            if self._stop_polling:
+            if self._closing:
                 self._wake.close()  # on_close left it to us
 
     async def _process_in_trio(self) -> None:
         ctrl = self.controller
         idle_since = trio.current_time()
         sleep = POLL_SLEEP_MIN
-        while True:
+        while not self._closing:  # closed (removed) while served: nothing left to run
             if self.mig_state not in _EXECUTING:
                 await self._wake.wait()  # stopped for migration: touch nothing
                 continue

@@ -29,6 +29,8 @@ class Wakeup:
 
     def clear(self) -> bool:
         """Drain the counter; True if it had been set."""
+        if self._closed:
+            return False
         try:
             os.eventfd_read(self.fd)
         except BlockingIOError:
@@ -41,8 +43,15 @@ class Wakeup:
             await trio.lowlevel.checkpoint()
             return True
         with trio.move_on_after(timeout):
-            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                await trio.lowlevel.wait_readable(self.fd)
+            except trio.ClosedResourceError:
+                return False  # closed under us (the device was removed): see ``closed``
         return self.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if self._closed:
