@@ -29,7 +29,11 @@ from parents.pds.wakeup import Wakeup
 
 # After the last command, sleep STEP_ACTIVE between looks for ``spin``
 # seconds (a guest at queue depth 1 rings again well within that), then
-# double the sleep each idle look up to SLEEP_MAX.
+# double the sleep each idle look up to SLEEP_MAX.  With Linux's default
+# 50 us timer slack a look comes about every 70 us.  A 1 us slack (prctl)
+# looks every 30 us but costs a core's worth of wake-ups; one try of it was
+# drowned in the host's load (trapped, untouched by it, fell as much), so
+# it is left out until measured on a quiet machine.
 STEP_ACTIVE = 20e-6
 SLEEP_MAX = 8e-3
 
