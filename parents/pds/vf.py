@@ -23,9 +23,11 @@ Doorbells are reached one of two ways (``doorbells=``):
              thread serves it (parents.pds.poller: short nanosleeps after
              activity, backing off when idle), else by the trio task.
 
-Trapped is the default: with shadow doorbells a Linux guest traps about
-once per command at queue depth 1 and rarely at depth 32, and in
-benchmarks/nvme_guest.py it beat mmap at both depths (see VfConfig).
+Trapped stays the default: with shadow doorbells a Linux guest traps
+about once per command at queue depth 1 and rarely at depth 32, and in
+benchmarks/nvme_guest.py (TCG, loaded host) the two modes served on a
+connection thread were within each other's run-to-run noise, while mmap
+costs a polling thread's CPU.
 """
 
 from __future__ import annotations
