@@ -10,7 +10,8 @@ Boots lab guests (tools.lab, TCG on these machines) that run fio
   lvu-trapped   pds-trapped with the VF served through libvfio-user (cffi)
   lvu-mmap      pds-mmap through libvfio-user
 
-Prints IOPS per variant and depth and the ratio of each VF variant to QEMU.
+Prints IOPS and fio's completion-latency p50/p99 per variant and depth,
+and the ratio of each VF variant's IOPS to QEMU's.
 
     .venv/bin/python benchmarks/nvme_guest.py [--seconds 10] [--size-mib 256]
 """
@@ -18,11 +19,13 @@ Prints IOPS per variant and depth and the ratio of each VF variant to QEMU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import trio
 
@@ -48,14 +51,40 @@ i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); do
 """
 
 
-def parse(output: str) -> dict[int, float]:
-    iops = {}
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """One fio job's result: IOPS and completion-latency percentiles (microseconds)."""
+
+    iops: float
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+
+    def show(self) -> str:
+        return f"{self.iops:7.0f} IOPS (clat p50 {self.p50_us:7.0f} us, p99 {self.p99_us:7.0f} us)"
+
+
+NONE = Figures(0.0)  # a depth whose job printed nothing
+
+
+def _percentile(read: dict[str, Any], pct: str) -> float:
+    """A clat percentile in us; fio keys them "50.000000" (absent when no I/O completed)."""
+    table = read.get("clat_ns", {}).get("percentile", {})
+    return float(table.get(pct, 0)) / 1000
+
+
+def parse(output: str) -> dict[int, Figures]:
+    figures = {}
     for line in output.splitlines():
         if line.startswith("RESULT qd"):
             tag, _, blob = line[len("RESULT ") :].partition(" ")
             data = json.loads(blob[blob.index("{") :])
-            iops[int(tag[2:])] = float(data["jobs"][0]["read"]["iops"])
-    return iops
+            read = data["jobs"][0]["read"]
+            figures[int(tag[2:])] = Figures(
+                float(read["iops"]),
+                _percentile(read, "50.000000"),
+                _percentile(read, "99.000000"),
+            )
+    return figures
 
 
 async def run_vf(
@@ -66,7 +95,7 @@ async def run_vf(
     script: str,
     timeout: float,
     transport: str = "native",
-) -> dict[int, float]:
+) -> dict[int, Figures]:
     workdir = tempfile.mkdtemp(prefix="nvb-")
     vf = PdsNvmeVf(VfConfig(backing=backing, size=size_mib << 20, doorbells=mode, io_queues=4))
     sock = os.path.join(workdir, "vf.sock")
@@ -89,10 +118,17 @@ async def run_vf(
         shutil.rmtree(workdir, ignore_errors=True)
     if result.rc != 0:
         raise RuntimeError(f"guest failed:\n{result.output}")
+    ctrl = vf.controller
+    # How often the guest trapped: shadow doorbells (EventIdx) should make it rare.
+    print(
+        f"  ({mode.value}: {ctrl.commands_done} commands, {ctrl.doorbell_traps} trapped doorbell "
+        f"writes, shadow doorbells {'on' if ctrl.shadow is not None else 'off'} at the end)",
+        flush=True,
+    )
     return parse(result.output)
 
 
-def run_qemu_nvme(lab: Lab, backing: str, script: str, timeout: float) -> dict[int, float]:
+def run_qemu_nvme(lab: Lab, backing: str, script: str, timeout: float) -> dict[int, Figures]:
     args = [
         "-drive", f"file={backing},if=none,id=bench,format=raw,cache=none,aio=threads",
         "-device", "nvme,drive=bench,serial=qemubench",
@@ -123,7 +159,7 @@ def main() -> None:
     backing = os.path.join(workdir, "backing.img")
     timeout = 120 + 4 * args.seconds * len(DEPTHS)
     script = guest_script(args.seconds, args.size_mib)
-    results: dict[str, dict[int, float]] = {}
+    results: dict[str, dict[int, Figures]] = {}
     try:
         fill(backing, args.size_mib)
         for variant in args.variants.split(","):
@@ -144,7 +180,7 @@ def main() -> None:
                 )
             print(
                 f"{variant:12s} "
-                + "  ".join(f"qd{qd}: {results[variant].get(qd, 0):8.0f} IOPS" for qd in DEPTHS),
+                + "  ".join(f"qd{qd}: {results[variant].get(qd, NONE).show()}" for qd in DEPTHS),
                 flush=True,
             )
     finally:
@@ -154,7 +190,9 @@ def main() -> None:
         for variant, iops in results.items():
             if variant != "qemu-nvme":
                 ratios = "  ".join(
-                    f"qd{qd}: {iops.get(qd, 0) / ref[qd]:5.2f}x" for qd in DEPTHS if ref.get(qd)
+                    f"qd{qd}: {iops.get(qd, NONE).iops / ref[qd].iops:5.2f}x"
+                    for qd in DEPTHS
+                    if qd in ref and ref[qd].iops
                 )
                 print(f"ratio {variant} / qemu-nvme  {ratios}")
     accel = lab.info()["accel"]

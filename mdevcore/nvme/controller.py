@@ -158,6 +158,7 @@ class NvmeController:
         self.last_keep_alive = clock()
         self._rr_next = 0  # round-robin position among I/O SQs
         self.commands_done = 0  # lifetime count, lets a poller see activity
+        self.doorbell_traps = 0  # doorbell writes that came as MMIO (benchmarks: traps/command)
         self.shadow: ShadowDoorbells | None = None  # set by Doorbell Buffer Config
 
     def _capabilities(self) -> int:
@@ -421,6 +422,7 @@ class NvmeController:
                 return True
             return False
         self.doorbells[index] = int.from_bytes(data, "little")
+        self.doorbell_traps += 1
         return True
 
     def _find_rings_of_missing_queues(self) -> None:

@@ -14,11 +14,20 @@ Linux guest rings the real doorbell only when the controller is idle.
 
 Doorbells are reached one of two ways (``doorbells=``):
   "trapped"  every doorbell write arrives as a region write; bar_write
-             stores it and wakes the processing task.
+             stores it and executes the commands at once (on the
+             connection thread when served by one), waking the processing
+             task only for what is left (budget, interrupt timers).
   "mmap"     the doorbell page is a sparse-mmap area the client maps; the
              guest's writes land in shared memory without any message, so
-             the processing task polls it (busy for a short while after
-             activity, then backing off to sleeps).
+             it is polled: by a thread of the VF's own when a connection
+             thread serves it (parents.pds.poller: short nanosleeps after
+             activity, backing off when idle), else by the trio task.
+
+Trapped stays the default: with shadow doorbells a Linux guest traps
+about once per command at queue depth 1 and rarely at depth 32, and in
+benchmarks/nvme_guest.py (TCG, loaded host) the two modes served on a
+connection thread were within each other's run-to-run noise, while mmap
+costs a polling thread's CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_STOP_COPY, MigState
 from mdevcore.pci.msix import MsixTable
+from parents.pds.poller import poll_loop
+from parents.pds.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +62,9 @@ MSIX_BAR = 4
 MSIX_BAR_SIZE = 0x4000
 MSIX_PBA_OFFSET = 0x2000
 
-# Adaptive polling of mmapped doorbells: after the last command, keep
-# polling between trio checkpoints for ``VfConfig.poll_spin`` seconds (a
+# Adaptive polling of mmapped doorbells by the trio task (served by trio
+# alone; a connection thread's VF polls with parents.pds.poller): after
+# the last command, keep polling between trio checkpoints for ``VfConfig.poll_spin`` seconds (a
 # guest at queue depth 1 rings again within that), then sleep in growing
 # steps.  trio sleeps are epoll timeouts: anything below 1 ms costs 1 ms.
 POLL_SLEEP_MIN = 1e-3
@@ -77,7 +89,7 @@ class VfConfig:
     serial: str = "PDSVF0001"
     model: str = "Pensando NVMe VF (mdevcore)"
     direct: bool = True
-    poll_spin: float = 50e-3  # mmap mode: seconds of busy polling after activity
+    poll_spin: float = 50e-3  # mmap mode: seconds of fast polling after activity
 
 
 STATE_MAGIC = b"PDS-NVME-VF/1\n"
@@ -103,6 +115,10 @@ class PdsNvmeVf(PciDevice):
     """
 
     migration_flags = MIGRATION_STOP_COPY | MIGRATION_P2P
+    # The hooks touch no trio object (the wake-up is an eventfd), so a
+    # connection thread may serve the VF: a trapped doorbell is then
+    # executed on that thread without a hop through trio's scheduler.
+    thread_safe_hooks = True
 
     def __init__(self, vf: VfConfig, *, name: str = "pds-nvme-vf") -> None:
         super().__init__(
@@ -167,7 +183,12 @@ class PdsNvmeVf(PciDevice):
             super().close()
             raise
         self.namespace = namespace
-        self._wake = trio.Event()
+        self._wake = Wakeup()
+        # Whether the mmap poller thread (parents.pds.poller) runs, and
+        # whether on_close ran: the processing task then stops; on_close must
+        # not close the eventfd under a thread blocked on it.
+        self._polling = False
+        self._closing = False
         self._restored = False  # state loaded: kick interrupts when running again
 
     # --- interrupts ---------------------------------------------------------
@@ -286,20 +307,76 @@ class PdsNvmeVf(PciDevice):
         # (that path closes its namespace itself).
         controller = getattr(self, "controller", None)
         if controller is not None:
+            self._closing = True
+            self._wake.set()
+            if not self._polling:
+                self._wake.close()  # else the poller's task does, once its thread is joined
             controller.close()
             self.namespace.close()
 
     # --- processing -------------------------------------------------------------
 
+    def executing(self) -> bool:
+        """Whether the controller may run commands (DMA) in this migration state."""
+        return self.mig_state in _EXECUTING
+
+    def _lock_held(self) -> bool:
+        """Whether this task runs with ``device_lock`` held: served on a connection thread.
+
+        The server then runs ``background`` under the lock (run_locked) and
+        holds it for every hook; served by trio alone, it does neither.
+        """
+        is_owned = getattr(self.device_lock, "_is_owned", None)
+        return bool(is_owned is not None and is_owned())
+
     async def background(self) -> None:
         """Execute commands as doorbells move, and fire timed interrupts."""
+        if self.mode is DoorbellMode.MMAP and self._lock_held():
+            await self._poll_in_thread()
+            return
+        await self._process_in_trio()
+
+    async def _poll_in_thread(self) -> None:
+        """Mmapped doorbells polled by a thread of this task's (parents.pds.poller)."""
+        stop = False
+
+        async def stop_when_cancelled() -> None:
+            nonlocal stop
+            try:
+                await trio.sleep_forever()
+            finally:
+                stop = True
+                self._wake.set()
+
+        if self._closing:
+            return  # closed already
+        self._polling = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_when_cancelled)
+                try:
+                    await trio.to_thread.run_sync(
+                        poll_loop,
+                        self,
+                        self._wake,
+                        self.vf.poll_spin,
+                        lambda: stop or self._closing,
+                        limiter=trio.CapacityLimiter(1),  # its own: any number of VFs get one
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._polling = False
+            if self._closing:
+                self._wake.close()  # on_close left it to us
+
+    async def _process_in_trio(self) -> None:
         ctrl = self.controller
         idle_since = trio.current_time()
         sleep = POLL_SLEEP_MIN
-        while True:
+        while not self._closing:  # closed (removed) while served: nothing left to run
             if self.mig_state not in _EXECUTING:
                 await self._wake.wait()  # stopped for migration: touch nothing
-                self._wake = trio.Event()
                 continue
             before = ctrl.commands_done
             more = ctrl.process()
@@ -323,6 +400,4 @@ class PdsNvmeVf(PciDevice):
             if wait == 0.0:
                 await trio.sleep(0)
                 continue
-            with trio.move_on_after(wait):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            await self._wake.wait(wait)
