@@ -70,6 +70,6 @@ if [ "${MDEVCORE_SKIP_LIBVFIO_USER:-0}" != 1 ] \
 fi
 
 if [ "${MDEVCORE_SKIP_LAB:-0}" != 1 ]; then
-    .venv/bin/python -m tools.lab setup
+    .venv/bin/python -m mdevcore.tools.lab setup
 fi
 echo "setup: done"

@@ -1,6 +1,6 @@
 """Guest TCP throughput and ping round trip: our IFCVF VF against QEMU's own virtio-net.
 
-Boots lab guests (tools.lab; TCG on these machines) whose virtio_net
+Boots lab guests (mdevcore.tools.lab; TCG on these machines) whose virtio_net
 driver sends ``--mib`` MiB over TCP (busybox nc) to a sink in this
 process and pings it ``--pings`` times, once per variant, both on the
 same persistent TAP in the host's network namespace (QEMU runs there;
@@ -34,11 +34,11 @@ import time
 
 import trio
 
+from mdevcore.parents.ifcvf.vf import IfcvfNetVf
+from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
 from mdevcore.virtio.net.device import NetConfig
 from mdevcore.virtio.net.tap import TapBackend
-from parents.ifcvf.vf import IfcvfNetVf
-from tools.lab import Lab
 
 TAP, HOST_IP, GUEST_IP, PORT = "ifcb0", "10.78.0.1", "10.78.0.2", 7790
 GUEST_MAC = "02:1f:c0:00:0b:01"

@@ -62,8 +62,8 @@ BIG_MEM = 4 << 30
 
 
 def serve(sock: str, backing: str, size: int) -> None:
+    from mdevcore.parents.pds.vf import PdsNvmeVf, VfConfig
     from mdevcore.vfio_user.server import DeviceServer
-    from parents.pds.vf import PdsNvmeVf, VfConfig
 
     async def main() -> None:
         vf = PdsNvmeVf(VfConfig(backing=backing, size=size))

@@ -1,6 +1,6 @@
 """Guest-level 4 KiB random-read IOPS: our pds NVMe VF against QEMU's own NVMe.
 
-Boots lab guests (tools.lab, TCG on these machines) that run fio
+Boots lab guests (mdevcore.tools.lab, TCG on these machines) that run fio
 (libaio, O_DIRECT, 4 KiB randread) at queue depth 1 and 32 on
 /dev/nvme0n1, once per device variant, all over the same backing file:
 
@@ -29,9 +29,9 @@ from typing import Any
 
 import trio
 
+from mdevcore.parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
+from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
-from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
-from tools.lab import Lab
 
 DEPTHS = (1, 32)
 

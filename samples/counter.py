@@ -10,7 +10,7 @@ It is migratable (STOP_COPY): the state is a version byte and the counter.
 
 Run it standalone and attach QEMU (>= 10.1)::
 
-    python -m samples.counter --socket /tmp/counter.sock
+    python -m mdevcore.samples.counter --socket /tmp/counter.sock
     qemu-system-x86_64 ... -device vfio-user-pci,socket=/tmp/counter.sock
 """
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mdevcore.vfio_user.server import serve_forever
 
-    parser = argparse.ArgumentParser(prog="python -m samples.counter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mdevcore.samples.counter", description=__doc__)
     parser.add_argument("--socket", required=True, help="UNIX socket path to listen on")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

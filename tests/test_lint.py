@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CODE = ["mdevcore", "samples", "parents", "tools", "benchmarks"]
+CODE = ["mdevcore", "benchmarks"]  # mdevcore/ holds parents, samples, tools (symlinks)
 
 
 def run(*argv: str, env_path: str | None = None) -> subprocess.CompletedProcess[str]:

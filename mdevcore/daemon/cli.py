@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     st.add_argument("--json", action="store_true", help="as JSON objects")
 
-    sub.add_parser("lab", help="the QEMU lab (tools.lab)", add_help=False)
+    sub.add_parser("lab", help="the QEMU lab (mdevcore.tools.lab)", add_help=False)
     sub.add_parser("migrate", help="live-migrate a device (mdevcore.migration.cli)", add_help=False)
     return p
 
@@ -233,7 +233,7 @@ def _serve_roles(args: argparse.Namespace) -> list[errors.Role]:
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["lab"]:
-        from tools.lab.cli import main as lab_main  # another component; imported lazily
+        from mdevcore.tools.lab.cli import main as lab_main  # another component; imported lazily
 
         return int(lab_main(args_list[1:]) or 0)
     if args_list[:1] == ["migrate"]:

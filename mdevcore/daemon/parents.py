@@ -40,7 +40,7 @@ class ParentSpec:
     def parse(cls, text: str) -> ParentSpec:
         """Parse ``module:factory@location``.
 
-        e.g. ``samples.mtty:MttyDriver@devices/virtual/mtty/mtty``.
+        e.g. ``mdevcore.samples.mtty:MttyDriver@devices/virtual/mtty/mtty``.
         """
         target, sep, location = text.partition("@")
         module, sep2, factory = target.partition(":")

@@ -14,7 +14,7 @@ from mdevcore.testing.served import serve
 from mdevcore.vfio_user.backend import DeviceBackend
 
 if TYPE_CHECKING:
-    from tools.lab.lab import GuestResult
+    from mdevcore.tools.lab.lab import GuestResult
 
 
 def boot_guest(
@@ -28,7 +28,7 @@ def boot_guest(
     """Run ``script`` in a guest that sees ``device`` (or the device already
     served at ``socket``, e.g. by ``mdevd serve``); returns the lab's
     GuestResult (``rc``, ``output``, ``console``)."""
-    from tools.lab.lab import Lab
+    from mdevcore.tools.lab.lab import Lab
 
     lab = Lab.ensure()
     if device is None:

@@ -27,13 +27,13 @@ from typing import Protocol
 
 from mdevcore.daemon.hosts import HostContext
 from mdevcore.daemon.iplink import NetdevRegistry
+from mdevcore.parents.ifcvf.netdev import PfNetdev
+from mdevcore.parents.ifcvf.pf import IFCVF_PF_DEVICE_ID, IfcvfConfig, IfcvfPf, parse_mac
+from mdevcore.parents.ifcvf.vf import VIRTIO_NET_MODERN_DEVICE_ID, IfcvfNetVf
 from mdevcore.pci.bus import PciBus, PciDriver, PciFunction, PciId, Sriov
 from mdevcore.sysfs.mdev_view import qemu_device_arg
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.virtio import spec
-from parents.ifcvf.netdev import PfNetdev
-from parents.ifcvf.pf import IFCVF_PF_DEVICE_ID, IfcvfConfig, IfcvfPf, parse_mac
-from parents.ifcvf.vf import VIRTIO_NET_MODERN_DEVICE_ID, IfcvfNetVf
 
 log = logging.getLogger(__name__)
 

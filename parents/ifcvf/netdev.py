@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 
 from mdevcore.daemon.iplink import VfInfo
+from mdevcore.parents.ifcvf.pf import IfcvfPf, LinkState
 from mdevcore.pci.bus import PciFunction
-from parents.ifcvf.pf import IfcvfPf, LinkState
 
 
 class PfNetdev:

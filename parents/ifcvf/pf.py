@@ -29,6 +29,13 @@ import errno
 import logging
 import socket
 
+from mdevcore.parents.ifcvf.vf import (
+    IFCVF_SUBSYS_DEVICE_ID,
+    IFCVF_SUBSYS_VENDOR_ID,
+    NET_CLASS_CODE,
+    VIRTIO_NET_MODERN_DEVICE_ID,
+    IfcvfNetVf,
+)
 from mdevcore.pci.bars import BarKind
 from mdevcore.pci.bus import Bdf
 from mdevcore.pci.device import PciDevice, PciIdentity
@@ -36,13 +43,6 @@ from mdevcore.virtio import spec
 from mdevcore.virtio.net.backend import DatagramBackend, FrameBackend
 from mdevcore.virtio.net.device import NetConfig
 from mdevcore.virtio.net.tap import TapBackend, check_ifname, netns_path
-from parents.ifcvf.vf import (
-    IFCVF_SUBSYS_DEVICE_ID,
-    IFCVF_SUBSYS_VENDOR_ID,
-    NET_CLASS_CODE,
-    VIRTIO_NET_MODERN_DEVICE_ID,
-    IfcvfNetVf,
-)
 
 log = logging.getLogger(__name__)
 

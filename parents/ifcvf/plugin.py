@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from mdevcore.parents.ifcvf.driver import IfcvfHost
 from mdevcore.plugins import Options, ParentPlugin
-from parents.ifcvf.driver import IfcvfHost
 
 
 def _host(options: Options, run_dir: Path) -> IfcvfHost:

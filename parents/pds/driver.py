@@ -25,11 +25,11 @@ from typing import Protocol
 
 from mdevcore.daemon.devlink import BoolParam, DevlinkError, DevlinkRegistry
 from mdevcore.daemon.hosts import HostContext
+from mdevcore.parents.pds.pf import PDS_CORE_PF_DEVICE_ID, PdsConfig, PdsCorePf
+from mdevcore.parents.pds.vf import NVME_CLASS_CODE, PDS_NVME_VF_DEVICE_ID, PENSANDO_VENDOR_ID
 from mdevcore.pci.bus import AuxDevice, PciBus, PciDriver, PciFunction, PciId, Sriov
 from mdevcore.sysfs.mdev_view import qemu_device_arg
 from mdevcore.vfio_user.backend import DeviceBackend
-from parents.pds.pf import PDS_CORE_PF_DEVICE_ID, PdsConfig, PdsCorePf
-from parents.pds.vf import NVME_CLASS_CODE, PDS_NVME_VF_DEVICE_ID, PENSANDO_VENDOR_ID
 
 log = logging.getLogger(__name__)
 

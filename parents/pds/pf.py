@@ -4,7 +4,7 @@ Only the host sees the PF (it is never served over vfio-user): its config
 space carries the PCI Express and SR-IOV capabilities, which the SR-IOV
 core programs (NumVFs, VF Enable) and sysfs reads back (TotalVFs, VF
 offset and stride, VF device id).  As :class:`~mdevcore.pci.bus.SriovProvider`
-it builds the VFs' hardware: one :class:`~parents.pds.vf.PdsNvmeVf` per VF,
+it builds the VFs' hardware: one :class:`~mdevcore.parents.pds.vf.PdsNvmeVf` per VF,
 its namespace backed by ``<backing_dir>/<VF BDF>.img`` (sparse; kept when
 the VF goes, like a real device's storage).
 
@@ -19,16 +19,16 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from mdevcore.pci.bars import BarKind
-from mdevcore.pci.bus import Bdf
-from mdevcore.pci.device import PciDevice, PciIdentity
-from parents.pds.vf import (
+from mdevcore.parents.pds.vf import (
     PDS_NVME_VF_DEVICE_ID,
     PENSANDO_VENDOR_ID,
     DoorbellMode,
     PdsNvmeVf,
     VfConfig,
 )
+from mdevcore.pci.bars import BarKind
+from mdevcore.pci.bus import Bdf
+from mdevcore.pci.device import PciDevice, PciIdentity
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from mdevcore.parents.pds.driver import PdsHost
 from mdevcore.plugins import Options, ParentPlugin
-from parents.pds.driver import PdsHost
 
 
 def _host(options: Options, run_dir: Path) -> PdsHost:

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mdevcore.nvme import NvmeController
+from mdevcore.parents.pds.wakeup import Wakeup
 from mdevcore.vfio_user.locking import DeviceLock
-from parents.pds.wakeup import Wakeup
 
 # After the last command, sleep STEP_ACTIVE between looks for ``spin``
 # seconds (a guest at queue depth 1 rings again well within that), then

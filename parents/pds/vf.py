@@ -20,7 +20,7 @@ Doorbells are reached one of two ways (``doorbells=``):
   "mmap"     the doorbell page is a sparse-mmap area the client maps; the
              guest's writes land in shared memory without any message, so
              it is polled: by a thread of the VF's own when a connection
-             thread serves it (parents.pds.poller: short nanosleeps after
+             thread serves it (mdevcore.parents.pds.poller: short nanosleeps after
              activity, backing off when idle), else by the trio task.
 
 Trapped stays the default: with shadow doorbells a Linux guest traps
@@ -44,12 +44,12 @@ import trio
 
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.spec import DOORBELL_BASE
+from mdevcore.parents.pds.poller import poll_loop
+from mdevcore.parents.pds.wakeup import Wakeup
 from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_STOP_COPY, MigState
 from mdevcore.pci.msix import MsixTable
-from parents.pds.poller import poll_loop
-from parents.pds.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ MSIX_BAR_SIZE = 0x4000
 MSIX_PBA_OFFSET = 0x2000
 
 # Adaptive polling of mmapped doorbells by the trio task (served by trio
-# alone; a connection thread's VF polls with parents.pds.poller): after
+# alone; a connection thread's VF polls with mdevcore.parents.pds.poller): after
 # the last command, keep polling between trio checkpoints for ``VfConfig.poll_spin`` seconds (a
 # guest at queue depth 1 rings again within that), then sleep in growing
 # steps.  trio sleeps are epoll timeouts: anything below 1 ms costs 1 ms.
@@ -184,7 +184,7 @@ class PdsNvmeVf(PciDevice):
             raise
         self.namespace = namespace
         self._wake = Wakeup()
-        # Whether the mmap poller thread (parents.pds.poller) runs, and
+        # Whether the mmap poller thread (mdevcore.parents.pds.poller) runs, and
         # whether on_close ran: the processing task then stops; on_close must
         # not close the eventfd under a thread blocked on it.
         self._polling = False
@@ -337,7 +337,7 @@ class PdsNvmeVf(PciDevice):
         await self._process_in_trio()
 
     async def _poll_in_thread(self) -> None:
-        """Mmapped doorbells polled by a thread of this task's (parents.pds.poller)."""
+        """Mmapped doorbells polled by a thread of this task's (mdevcore.parents.pds.poller)."""
         stop = False
 
         async def stop_when_cancelled() -> None:

@@ -29,8 +29,8 @@ def test_broken_or_foreign_entry_points_are_left_out(caplog: pytest.LogCaptureFi
     eps = [
         metadata.EntryPoint("gone", "no.such.module:PLUGIN", ENTRY_POINT_GROUP),
         metadata.EntryPoint("odd", "os:sep", ENTRY_POINT_GROUP),  # not a ParentPlugin
-        metadata.EntryPoint("mtty", "samples.mtty.plugin:PLUGIN", ENTRY_POINT_GROUP),
-        metadata.EntryPoint("again", "samples.mtty.plugin:PLUGIN", ENTRY_POINT_GROUP),
+        metadata.EntryPoint("mtty", "mdevcore.samples.mtty.plugin:PLUGIN", ENTRY_POINT_GROUP),
+        metadata.EntryPoint("again", "mdevcore.samples.mtty.plugin:PLUGIN", ENTRY_POINT_GROUP),
     ]
     found = discover(eps)
     assert [d.plugin.name for d in found] == ["mtty"]

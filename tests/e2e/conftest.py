@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.lab import Lab
+from mdevcore.tools.lab import Lab
 
 # The daemon runner (tests/daemon/mdevd_proc.py) and its test parent (tests/core).
 _TESTS = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mdevd_proc import Mdevd, sh
 
-from tools.lab import Lab
+from mdevcore.tools.lab import Lab
 
 pytestmark = pytest.mark.qemu
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-_QUIETED = ("mdevcore", "samples", "parents")
+_QUIETED = ("mdevcore",)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 Deterministic (a seeded RNG, no libFuzzer): the same inputs run every time,
 so a red run is a finding, not luck.  Corpus files named ``open-*`` hold
 findings not fixed yet; ``test_fuzz_findings`` keeps them as expected
-failures.  ``python -m tools.fuzz TARGET --seconds N`` is the real,
+failures.  ``python -m mdevcore.tools.fuzz TARGET --seconds N`` is the real,
 coverage-guided run.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-import tools.fuzz as fuzz
+import mdevcore.tools.fuzz as fuzz
 
 MUTATIONS = {"engine": 400, "nvme": 400, "migration": 600, "sysfs": 2000, "virtio": 1000}
 
@@ -54,7 +54,9 @@ def inputs(name: str) -> Iterator[tuple[str, bytes]]:
 
 @pytest.mark.parametrize("name", list(fuzz.TARGETS))
 def test_target_holds_its_invariants_on_the_corpus(name: str) -> None:
-    assert len(fuzz.corpus_files(name)) >= 4, "seed corpus missing: python -m tools.fuzz.seeds"
+    assert len(fuzz.corpus_files(name)) >= 4, (
+        "seed corpus missing: python -m mdevcore.tools.fuzz.seeds"
+    )
     target = fuzz.load(name)
     try:
         for label, data in inputs(name):

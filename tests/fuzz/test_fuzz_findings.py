@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-import tools.fuzz as fuzz
+import mdevcore.tools.fuzz as fuzz
 from mdevcore.core import MdevCore
 from mdevcore.kernel_parse import kstrtobool, kstrtoul, parse_uuid, sysfs_streq
+from mdevcore.parents.pds.vf import STATE_MAGIC
+from mdevcore.samples.mtty.device import MttyDriver
 from mdevcore.sysfs.mdev_view import create_store, remove_store
+from mdevcore.tools.fuzz.targets import kernel_model as km
+from mdevcore.tools.fuzz.targets.migration import BusyVf, snapshot
+from mdevcore.tools.fuzz.targets.virtio import AVAIL, DATA, DESC, USED, Guest
 from mdevcore.virtio import spec
 from mdevcore.virtio.chain import Chain, VirtqError
 from mdevcore.virtio.virtqueue import SplitQueue
-from parents.pds.vf import STATE_MAGIC
-from samples.mtty.device import MttyDriver
-from tools.fuzz.targets import kernel_model as km
-from tools.fuzz.targets.migration import BusyVf, snapshot
-from tools.fuzz.targets.virtio import AVAIL, DATA, DESC, USED, Guest
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-import tools.fuzz as fuzz
+import mdevcore.tools.fuzz as fuzz
 
 pytest.importorskip("atheris")
 
 
 def test_runner_reports_executions_coverage_and_no_findings(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "tools.fuzz", "sysfs", "--runs", "200", "--seed", "1"]
+    argv = [sys.executable, "-m", "mdevcore.tools.fuzz", "sysfs", "--runs", "200", "--seed", "1"]
     out = subprocess.run(
         [*argv, "--work", str(tmp_path)],
         cwd=fuzz.REPO,

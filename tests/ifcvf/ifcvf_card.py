@@ -17,11 +17,11 @@ import trio
 from mdevcore.daemon.devlink import DevlinkRegistry, Reply
 from mdevcore.daemon.hosts import HostContext, NamedServers
 from mdevcore.daemon.iplink import NetdevRegistry, run_ip
+from mdevcore.parents.ifcvf.driver import IfcvfHost
+from mdevcore.parents.ifcvf.pf import IfcvfConfig
 from mdevcore.pci.bus import PciBus
 from mdevcore.sysfs.pci_view import PciSysfs
 from mdevcore.sysfs.tree import SysfsTree
-from parents.ifcvf.driver import IfcvfHost
-from parents.ifcvf.pf import IfcvfConfig
 
 PF = "0000:61:00.0"
 VF0 = "0000:61:00.1"

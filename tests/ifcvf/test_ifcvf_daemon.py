@@ -37,7 +37,7 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Non
         dist.mkdir(parents=True)
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mdevcore-ifcvf-test\n")
         (dist / "entry_points.txt").write_text(
-            f"[{ENTRY_POINT_GROUP}]\nifcvf = parents.ifcvf.plugin:PLUGIN\n"
+            f"[{ENTRY_POINT_GROUP}]\nifcvf = mdevcore.parents.ifcvf.plugin:PLUGIN\n"
         )
         path = os.environ.get("PYTHONPATH", "")
         monkeypatch.setenv("PYTHONPATH", f"{dist.parent}:{path}" if path else str(dist.parent))

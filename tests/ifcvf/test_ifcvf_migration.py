@@ -25,6 +25,7 @@ from mig_by_hand import logging_report, logging_start, read_stream, set_state, w
 from net_guest import RX0, VECTORS, NetGuest, frame
 from virtio_guest import RW
 
+from mdevcore.parents.ifcvf.vf import IfcvfNetVf
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.backend import (
     IRQ_SET_ACTION_TRIGGER,
@@ -36,7 +37,6 @@ from mdevcore.vfio_user.server import DeviceServer
 from mdevcore.virtio import spec
 from mdevcore.virtio.net.backend import DatagramBackend
 from mdevcore.virtio.net.device import NetConfig
-from parents.ifcvf.vf import IfcvfNetVf
 
 MAC = bytes.fromhex("021fc0000001")
 HOST_MAC = bytes.fromhex("525400123456")  # set by the host before the move

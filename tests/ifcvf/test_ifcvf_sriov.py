@@ -14,8 +14,8 @@ from ifcvf_card import PF, PF_DIR, VF0, VF1, Card, make_card
 from net_guest import RX0, NetGuest, frame
 
 from mdevcore import plugins
+from mdevcore.parents.ifcvf.plugin import PLUGIN
 from mdevcore.vfio_user.client import Client
-from parents.ifcvf.plugin import PLUGIN
 
 BUS_DEV = "class/pci_bus/0000:61/device"
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +151,7 @@ async def test_loopback_backend_cables_vf_pairs(tmp_path: Path) -> None:
 def test_plugin_is_discovered_and_takes_its_options(tmp_path: Path) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     value = project["entry-points"][plugins.ENTRY_POINT_GROUP]["ifcvf"]
-    assert value == "parents.ifcvf.plugin:PLUGIN"
+    assert value == "mdevcore.parents.ifcvf.plugin:PLUGIN"
     ep = metadata.EntryPoint(name="ifcvf", value=value, group=plugins.ENTRY_POINT_GROUP)
     (found,) = plugins.discover([ep])
     assert found.plugin is PLUGIN and found.plugin.kind == "hosted"

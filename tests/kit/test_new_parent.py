@@ -72,7 +72,7 @@ def test_generated_parent_is_served_and_driven_by_a_guest(
         assert str(dev) in run(*mdevctl, "list") and started in run(*mdevctl, "list")
         assert (sysfs / TYPES / "available_instances").read_text() == "2\n"
 
-        from tools.lab.lab import Lab
+        from mdevcore.tools.lab.lab import Lab
 
         script = (package / NAME / "guest.sh").read_text()
         result = Lab.ensure().boot(script, devices=[device_line.strip()], timeout=240)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.lab import Lab
+from mdevcore.tools.lab import Lab
 
 
 @pytest.fixture(scope="session")

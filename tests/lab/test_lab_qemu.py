@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tools.lab import Lab, LabError
+from mdevcore.tools.lab import Lab, LabError
 
 pytestmark = pytest.mark.qemu
 
@@ -221,7 +221,7 @@ def test_cli_boot_prints_output_and_exits_with_rc(lab: Lab) -> None:
         [
             sys.executable,
             "-m",
-            "tools.lab",
+            "mdevcore.tools.lab",
             "boot",
             "--cache",
             str(lab.paths.cache),
@@ -242,7 +242,7 @@ def test_cli_sigterm_mid_boot_kills_qemu_and_cleans_up(lab: Lab) -> None:
         [
             sys.executable,
             "-m",
-            "tools.lab",
+            "mdevcore.tools.lab",
             "boot",
             "--cache",
             str(lab.paths.cache),

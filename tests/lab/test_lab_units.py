@@ -10,12 +10,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tools.lab import aptsources, initramfs, qemu
-from tools.lab.cli import main
-from tools.lab.cpio import CpioArchive
-from tools.lab.errors import LabError
-from tools.lab.namespace import Binds, namespace_argv
-from tools.lab.rootpath import resolve_in_root
+from mdevcore.tools.lab import aptsources, initramfs, qemu
+from mdevcore.tools.lab.cli import main
+from mdevcore.tools.lab.cpio import CpioArchive
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.namespace import Binds, namespace_argv
+from mdevcore.tools.lab.rootpath import resolve_in_root
 
 # -- apt sources -------------------------------------------------------------
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from mdevcore.samples.mtty import MttyDevice
+from mdevcore.samples.mtty import uart as u
 from mdevcore.vfio_user import backend as vfio
-from samples.mtty import MttyDevice
-from samples.mtty import uart as u
 
 CONFIG = vfio.PCI_CONFIG_REGION_INDEX
 TRIGGER_EVENTFD = vfio.IRQ_SET_ACTION_TRIGGER | vfio.IRQ_SET_DATA_EVENTFD

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from mdevcore.driver import MdevDriver
+from mdevcore.samples.mtty import PARENT_NAME, SYSFS_PATH, MttyDevice, MttyDriver
 from mdevcore.sysfs.mdev_view import create_store, remove_store
-from samples.mtty import PARENT_NAME, SYSFS_PATH, MttyDevice, MttyDriver
 
 
 def new_uuid(n: int) -> uuid.UUID:

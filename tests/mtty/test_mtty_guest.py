@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from mdevcore.samples.mtty import MttyDevice
 from mdevcore.vfio_user.server import DeviceServer
-from samples.mtty import MttyDevice
 
 pytestmark = pytest.mark.qemu
 
@@ -31,7 +31,7 @@ def vfio_user_device(sock: Path, **extra: str) -> str:
 
 
 async def boot_with(device: MttyDevice, sock_dir: Path, *, root_port: bool) -> tuple[int, str, str]:
-    from tools.lab.lab import Lab
+    from mdevcore.tools.lab.lab import Lab
 
     lab = await trio.to_thread.run_sync(Lab.ensure)
     sock = sock_dir / "mtty.sock"

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samples.mtty import uart as u
-from samples.mtty.uart import Uart16550
+from mdevcore.samples.mtty import uart as u
+from mdevcore.samples.mtty.uart import Uart16550
 
 # What MSR always reads outside AFE-with-a-full-FIFO: DCD DSR CTS + DDSR DCTS.
 MSR_USUAL = 0xB3

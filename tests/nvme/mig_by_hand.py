@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from mdevcore.migration.guest_memory import PAGE_SIZE, GuestMemory
+from mdevcore.parents.pds.vf import PdsNvmeVf, VfConfig
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.backend import (
     DEVICE_FEATURE_DMA_LOGGING_REPORT,
@@ -27,7 +28,6 @@ from mdevcore.vfio_user.backend import (
 )
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.server import DeviceServer
-from parents.pds.vf import PdsNvmeVf, VfConfig
 
 STREAM_CHUNK = 1 << 16
 

@@ -27,7 +27,7 @@ from mdevcore.nvme.spec import (
 )
 
 if TYPE_CHECKING:
-    from parents.pds.vf import PdsNvmeVf
+    from mdevcore.parents.pds.vf import PdsNvmeVf
 
 PAGE = 4096
 NS_SIZE = 1 << 20  # the fixture namespace: 2048 blocks of 512 bytes

@@ -16,10 +16,10 @@ from nvme_host import NS_SIZE, PAGE, FakeClock, GuestMemory, Host, VfHost
 from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
 from mdevcore.nvme.queues import make_command
 from mdevcore.nvme.spec import AdminOpcode, FeatureId, IoOpcode, LogId
+from mdevcore.parents.pds.vf import STATE_MAGIC, PdsNvmeVf, VfConfig
 from mdevcore.pci import caps
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.backend import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DmaMapping
-from parents.pds.vf import STATE_MAGIC, PdsNvmeVf, VfConfig
 
 CONFIG = ControllerConfig(max_io_queues=8, max_queue_entries=256, mdts=5)
 

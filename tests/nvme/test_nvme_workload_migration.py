@@ -37,9 +37,9 @@ from mig_by_hand import (
 from mdevcore.migration.guest_memory import PAGE_SIZE
 from mdevcore.migration.guest_memory import GuestMemory as VmMemory
 from mdevcore.migration.workloads.nvme import SAVE_MAGIC, NvmeWorkload, WorkloadMismatch
+from mdevcore.parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
 from mdevcore.pci.migration import MigState
 from mdevcore.vfio_user.client import VfioUserError
-from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
 
 NS_BYTES = 16 << 20
 MEM_BYTES = 16 << 20

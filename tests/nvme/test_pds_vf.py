@@ -26,6 +26,7 @@ from nvme_host import PAGE, GuestMemory, Host, VfHost
 from mdevcore.nvme import NvmeController
 from mdevcore.nvme.queues import make_command
 from mdevcore.nvme.spec import CSTS_RDY, REG_CSTS, AdminOpcode, IoOpcode
+from mdevcore.parents.pds.vf import PDS_NVME_VF_DEVICE_ID, DoorbellMode, PdsNvmeVf, VfConfig
 from mdevcore.pci import caps
 from mdevcore.vfio_user.backend import (
     DMA_MAP_FLAG_READ,
@@ -38,7 +39,6 @@ from mdevcore.vfio_user.backend import (
 )
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.server import DeviceServer
-from parents.pds.vf import PDS_NVME_VF_DEVICE_ID, DoorbellMode, PdsNvmeVf, VfConfig
 
 NS_BYTES = 8 << 20
 

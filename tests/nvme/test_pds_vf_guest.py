@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from mdevcore.parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
+from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
-from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
-from tools.lab import Lab
 
 pytestmark = pytest.mark.qemu
 

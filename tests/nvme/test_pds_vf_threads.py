@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from mdevcore.parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
+from mdevcore.parents.pds.wakeup import Wakeup
 from mdevcore.vfio_user.server import DeviceServer
-from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
-from parents.pds.wakeup import Wakeup
 
 
 @pytest.fixture

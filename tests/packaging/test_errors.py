@@ -10,7 +10,7 @@ import pytest
 from mdevd_run import mdevd
 
 from mdevcore import __version__
-from tools.vfio_user_cli import main as vfio_user_cli
+from mdevcore.tools.vfio_user_cli import main as vfio_user_cli
 
 
 def _cases(tmp: Path) -> list[tuple[list[str], str]]:

@@ -14,8 +14,8 @@ import pytest
 from mdevd_run import Serving
 
 from mdevcore.daemon import logs
+from mdevcore.tools.vfio_user_cli import main as vfio_user_cli
 from mdevcore.vfio_user.stats import DeviceStats
-from tools.vfio_user_cli import main as vfio_user_cli
 
 
 def _logger(stream: io.StringIO | io.TextIOWrapper, fmt: str, env: dict[str, str]) -> None:

@@ -14,9 +14,9 @@ from mdevcore.pci import config as cfg
 from mdevcore.pci.device import PciDevice, PciIdentity
 from mdevcore.pci.migration import MigState
 from mdevcore.ratelimit import RateLimitedLog
+from mdevcore.samples.counter import MAGIC, Counter
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DeviceBackend
-from samples.counter import MAGIC, Counter
 
 MSI_TRIGGER = vfio.IRQ_SET_DATA_EVENTFD | vfio.IRQ_SET_ACTION_TRIGGER
 

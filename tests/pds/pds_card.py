@@ -16,11 +16,11 @@ import trio
 
 from mdevcore.daemon.devlink import DevlinkRegistry, Reply, run_devlink
 from mdevcore.daemon.hosts import HostContext, NamedServers
+from mdevcore.parents.pds.driver import PdsHost
+from mdevcore.parents.pds.pf import PdsConfig
 from mdevcore.pci.bus import PciBus
 from mdevcore.sysfs.pci_view import PciSysfs
 from mdevcore.sysfs.tree import SysfsTree
-from parents.pds.driver import PdsHost
-from parents.pds.pf import PdsConfig
 
 PF = "0000:60:00.0"
 VF1 = "0000:60:00.1"

@@ -16,7 +16,7 @@ import pytest
 from mdevd_proc import Mdevd, sh
 from pds_card import VF1
 
-from tools.lab import Lab
+from mdevcore.tools.lab import Lab
 
 pytestmark = pytest.mark.qemu
 

@@ -13,6 +13,8 @@ from pds_card import NS_SIZE, PF, PF_DIR, VF1, VF2, Card, make_card
 
 from mdevcore.kernel_parse import kstrtobool
 from mdevcore.kernel_parse import kstrtoul as kstrtouint
+from mdevcore.parents.pds.driver import parse_size
+from mdevcore.parents.pds.pf import PdsConfig
 from mdevcore.pci import caps
 from mdevcore.pci.bus import Bdf, PciFunction
 from mdevcore.pci.device import PciDevice, PciIdentity
@@ -20,8 +22,6 @@ from mdevcore.pci.migration import MIGRATION_STOP_COPY
 from mdevcore.sysfs.tree import Attr
 from mdevcore.vfio_user.backend import DEVICE_FEATURE_GET, DEVICE_FEATURE_MIGRATION
 from mdevcore.vfio_user.client import Client, VfioUserError
-from parents.pds.driver import parse_size
-from parents.pds.pf import PdsConfig
 
 BUS_DEV = "class/pci_bus/0000:60/device"
 

@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from mdevcore.core import MdevCore
+from mdevcore.samples.mtty import PARENT_NAME, SYSFS_PATH, MttyDriver
 from mdevcore.sysfs import MdevSysfs
-from samples.mtty import PARENT_NAME, SYSFS_PATH, MttyDriver
 
 TYPES = f"{SYSFS_PATH}/mdev_supported_types"
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import pytest
 
 from mdevcore.pci import caps
+from mdevcore.samples.counter import MAGIC, REG_INCR, REG_MAGIC, REG_VALUE, Counter
 from mdevcore.testing import GuestMemory, Interrupts, ServedDevice, migrate, serve
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.client import VfioUserError
-from samples.counter import MAGIC, REG_INCR, REG_MAGIC, REG_VALUE, Counter
 
 
 def u32(data: bytes) -> int:

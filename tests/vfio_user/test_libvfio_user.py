@@ -25,11 +25,11 @@ import trio
 from libvfio_user_pair import Served, errno_of, in_thread, needs_libvfio_user, serve_pair
 from vfio_user_gadget import REG_DONE, REG_DOORBELL, REG_DST, REG_ERRORS, REG_LEN, REG_SRC, Gadget
 
+from mdevcore.samples.mtty import MttyDevice
+from mdevcore.samples.mtty import uart as u
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.constants import Command
-from samples.mtty import MttyDevice
-from samples.mtty import uart as u
 
 pytestmark = needs_libvfio_user
 

@@ -78,7 +78,7 @@ import sys
 from pathlib import Path
 import mdevcore.daemon.serve
 from mdevcore.daemon.servers import TransportChoice
-from samples.mtty import MttyDevice
+from mdevcore.samples.mtty import MttyDevice
 server = TransportChoice()(MttyDevice(1), Path({str(tmp_path)!r}) / "x.sock", "x", "mtty")
 assert type(server).__name__ == "DeviceServer", server
 bad = [m for m in sys.modules if m == "cffi" or m.endswith("libvfio_user_ffi")]

@@ -24,10 +24,10 @@ import pytest
 import trio
 from libvfio_user_pair import Served, in_thread, needs_libvfio_user, serve_pair
 
+from mdevcore.parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
+from mdevcore.samples.counter import MAGIC, REG_INCR, REG_MAGIC, REG_VALUE, Counter
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.client import Client
-from parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
-from samples.counter import MAGIC, REG_INCR, REG_MAGIC, REG_VALUE, Counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nvme"))
 from test_pds_vf import NS_BYTES, guest_session  # noqa: E402

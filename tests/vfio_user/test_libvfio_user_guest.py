@@ -17,8 +17,8 @@ import pytest
 import trio
 from libvfio_user_pair import needs_libvfio_user
 
-from samples.mtty import MttyDevice
-from samples.mtty.uart import LCR
+from mdevcore.samples.mtty import MttyDevice
+from mdevcore.samples.mtty.uart import LCR
 
 pytestmark = [pytest.mark.qemu, needs_libvfio_user]
 
@@ -26,8 +26,8 @@ SCRIPT = Path(__file__).parents[2] / "samples" / "mtty" / "guest_loopback.sh"
 
 
 async def test_guest_loopback_and_reset_through_libvfio_user(tmp_path: Path) -> None:
+    from mdevcore.tools.lab.lab import Lab
     from mdevcore.vfio_user.libvfio_user import LibvfioUserServer
-    from tools.lab.lab import Lab
 
     device = MttyDevice(2, name="mtty-2 guest (libvfio-user)")
     resets: list[bool] = []

@@ -19,6 +19,7 @@ import pytest
 import trio
 from vfio_user_gadget import Gadget
 
+from mdevcore.tools.vfio_user_cli import decode_config
 from mdevcore.vfio_user.backend import (
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
@@ -33,7 +34,6 @@ from mdevcore.vfio_user.backend import (
 )
 from mdevcore.vfio_user.client import Client, VfioUserError
 from mdevcore.vfio_user.server import DeviceServer
-from tools.vfio_user_cli import decode_config
 
 T = TypeVar("T")
 CFG = PCI_CONFIG_REGION_INDEX

@@ -19,8 +19,8 @@ import pytest
 import trio
 from vfio_user_gadget import REG_DONE, REG_DOORBELL, REG_DST, REG_ERRORS, REG_LEN, REG_SRC, Gadget
 
+from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
-from tools.lab import Lab
 
 pytestmark = pytest.mark.qemu
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.vfio_user_cli import main as cli_main
+from mdevcore.tools.vfio_user_cli import main as cli_main
 
 HERE = Path(__file__).parent
 
@@ -89,7 +89,7 @@ def test_cli_bad_arguments_exit_1(argv: list[str], capsys: pytest.CaptureFixture
 
 def test_cli_exit_status_as_a_process() -> None:
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "tools.vfio_user_cli"]
+    cmd = [sys.executable, "-m", "mdevcore.tools.vfio_user_cli"]
     bad = subprocess.run([*cmd, "sock", "read"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 1 and "usage: vfio-user-cli" in bad.stderr
     helped = subprocess.run([*cmd, "--help"], cwd=root, capture_output=True, text=True)

@@ -43,13 +43,13 @@ from net_responder import Responder
 
 from mdevcore.daemon.control import ControlServer
 from mdevcore.daemon.devlink import DevlinkRegistry, control_path
+from mdevcore.parents.ifcvf.vf import IfcvfNetVf
 from mdevcore.testing.netns import needs_netns, netns, run_in
+from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
 from mdevcore.virtio import spec
 from mdevcore.virtio.net.backend import DatagramBackend
 from mdevcore.virtio.net.device import NetConfig, OffloadStats
-from parents.ifcvf.vf import IfcvfNetVf
-from tools.lab import Lab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ifcvf"))
 from ifcvf_card import Card, make_card  # noqa: E402  (the card as mdevd hosts it)

@@ -20,13 +20,13 @@ import pytest
 import trio
 from net_guest import CONFIG_VECTOR, RX0, RX1, TX0, TX1, WANTED, NetGuest, frame
 
+from mdevcore.parents.ifcvf.vf import IfcvfNetVf
 from mdevcore.pci import caps
 from mdevcore.vfio_user.backend import PCI_CONFIG_REGION_INDEX
 from mdevcore.vfio_user.server import DeviceServer
 from mdevcore.virtio import spec
 from mdevcore.virtio.net.backend import backend_pair
 from mdevcore.virtio.net.device import NET_FEATURES, NetConfig
-from parents.ifcvf.vf import IfcvfNetVf
 
 MAC_A = bytes.fromhex("02aa00000001")
 MAC_B = bytes.fromhex("02bb00000002")

@@ -11,11 +11,11 @@ from net_guest import CTRL, RX0, TX0, WANTED, frame
 from virtio_driver import VirtioDriver
 from virtio_guest import GuestRam
 
+from mdevcore.parents.ifcvf.vf import IfcvfNetVf
 from mdevcore.virtio import spec
 from mdevcore.virtio.net.backend import DatagramBackend
 from mdevcore.virtio.net.control import MAX_MAC_TABLE
 from mdevcore.virtio.net.device import NetConfig
-from parents.ifcvf.vf import IfcvfNetVf
 
 MAC = bytes.fromhex("02aa000000aa")
 PEER = bytes.fromhex("02bb000000bb")

@@ -11,13 +11,13 @@ from net_guest import WANTED
 from virtio_driver import VirtioDriver
 from virtio_guest import GuestRam
 
+from mdevcore.parents.ifcvf.vf import IfcvfNetVf
 from mdevcore.testing.netns import needs_netns, netns
 from mdevcore.virtio import spec
 from mdevcore.virtio.net import offload
 from mdevcore.virtio.net.backend import DatagramBackend
 from mdevcore.virtio.net.device import NetConfig
 from mdevcore.virtio.net.tap import TapBackend
-from parents.ifcvf.vf import IfcvfNetVf
 
 MAC = bytes.fromhex("02aa000000aa")
 CSUM, TSO4 = spec.bit(spec.NET_F_CSUM), spec.bit(spec.NET_F_HOST_TSO4)

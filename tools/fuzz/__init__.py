@@ -2,10 +2,10 @@
 
 Each target (``tools/fuzz/targets/``) starts from a state a real client
 reaches, runs one input, and checks invariants: a broken one raises
-:class:`Finding`.  ``python -m tools.fuzz TARGET --seconds N`` runs a
+:class:`Finding`.  ``python -m mdevcore.tools.fuzz TARGET --seconds N`` runs a
 target under atheris with the repo corpus (``tests/fuzz/corpus/TARGET``)
 as seeds and prints executions, edge coverage and findings;
-``python -m tools.fuzz.seeds`` rebuilds the seeds from recorded traffic;
+``python -m mdevcore.tools.fuzz.seeds`` rebuilds the seeds from recorded traffic;
 ``tests/fuzz`` replays the corpus (plus fixed mutations) in CI.
 """
 
@@ -19,7 +19,7 @@ from typing import Protocol
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "fuzz" / "corpus"
 
-# target name -> module under tools.fuzz.targets
+# target name -> module under mdevcore.tools.fuzz.targets
 TARGETS = {
     "engine": "engine",
     "nvme": "nvme",
@@ -44,7 +44,7 @@ class Target(Protocol):
 def load(name: str) -> Target:
     if name not in TARGETS:
         raise SystemExit(f"unknown target {name!r}; targets: {', '.join(TARGETS)}")
-    module = importlib.import_module(f"tools.fuzz.targets.{TARGETS[name]}")
+    module = importlib.import_module(f"mdevcore.tools.fuzz.targets.{TARGETS[name]}")
     target: Target = module.make()
     return target
 

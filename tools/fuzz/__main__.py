@@ -1,4 +1,4 @@
-"""``python -m tools.fuzz TARGET --seconds N``: one coverage-guided run, then a summary.
+"""``python -m mdevcore.tools.fuzz TARGET --seconds N``: one coverage-guided run, then a summary.
 
 The run happens in a child process (atheris/libFuzzer own it and end it
 with exit()); this parent reads libFuzzer's log and prints executions,
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.fuzz import CORPUS, REPO, TARGETS, dicts
+from mdevcore.tools.fuzz import CORPUS, REPO, TARGETS, dicts
 
 _DONE = re.compile(r"#(\d+)\s+(?:DONE|INITED|NEW|REDUCE|pulse)\s+cov: (\d+) ft: (\d+) corp: (\d+)")
 _EXECS = re.compile(r"stat::number_of_executed_units: (\d+)")
@@ -45,7 +45,7 @@ def run(
     args = [
         sys.executable,
         "-m",
-        "tools.fuzz.child",
+        "mdevcore.tools.fuzz.child",
         target,
         str(findings),
         str(corpus),
@@ -100,8 +100,8 @@ def keep(target: str, work: Path, nice: int, limit: int) -> None:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with tempfile.TemporaryDirectory() as merged:
         subprocess.run(
-            [sys.executable, "-m", "tools.fuzz.child", target, str(work / "findings"), merged,
-             str(seeds), str(work / "corpus"), "-merge=1"],
+            [sys.executable, "-m", "mdevcore.tools.fuzz.child", target, str(work / "findings"),
+             merged, str(seeds), str(work / "corpus"), "-merge=1"],
             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=lambda: os.nice(nice), check=False,
         )  # fmt: skip
@@ -121,7 +121,7 @@ def keep(target: str, work: Path, nice: int, limit: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.fuzz", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mdevcore.tools.fuzz", description=__doc__)
     parser.add_argument("target", choices=list(TARGETS))
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--runs", type=int, default=None, help="stop after this many inputs")

@@ -1,6 +1,6 @@
 """Seeds from real QEMU and Linux traffic: one lab guest boot, two devices.
 
-``python -m tools.fuzz.capture_qemu`` (needs the QEMU lab, root).  A
+``python -m mdevcore.tools.fuzz.capture_qemu`` (needs the QEMU lab, root).  A
 Counter and a 2-port mtty are served from this process; QEMU's
 vfio-user-pci realizes both (VERSION, region and IRQ info, DMA_MAP of
 guest RAM with its memfd, SET_IRQS), the guest kernel enumerates them
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+from mdevcore.samples.counter import Counter
+from mdevcore.samples.mtty.device import MttyDevice
 from mdevcore.sysfs.mdev_view import qemu_device_arg
 from mdevcore.testing import serve
-from samples.counter import Counter
-from samples.mtty.device import MttyDevice
-from tools.fuzz import CORPUS
-from tools.fuzz.record import tap, without_version
-from tools.fuzz.targets.engine import encode
+from mdevcore.tools.fuzz import CORPUS
+from mdevcore.tools.fuzz.record import tap, without_version
+from mdevcore.tools.fuzz.targets.engine import encode
 
 SCRIPT = """
 for d in /sys/bus/pci/devices/*; do
@@ -46,7 +46,7 @@ lspci -nn -vv | grep -E "1234|4348|Capabilities" | head -20
 
 
 def main() -> int:
-    from tools.lab import Lab
+    from mdevcore.tools.lab import Lab
 
     lab = Lab.ensure()
     counter, mtty = Counter(), MttyDevice(2)

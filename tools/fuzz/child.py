@@ -1,6 +1,6 @@
-"""The atheris process of one run (started by ``python -m tools.fuzz``).
+"""The atheris process of one run (started by ``python -m mdevcore.tools.fuzz``).
 
-``python -m tools.fuzz.child TARGET FINDINGS_DIR [libFuzzer args...]``.
+``python -m mdevcore.tools.fuzz.child TARGET FINDINGS_DIR [libFuzzer args...]``.
 mdevcore, samples, parents and the target are imported under atheris's
 instrumentation so libFuzzer sees their edges.  An input that breaks an
 invariant (or raises anything) is a finding: kept in FINDINGS_DIR once per
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import atheris
 
-import tools.fuzz as fuzz
+import mdevcore.tools.fuzz as fuzz
 
-INSTRUMENTED = ["mdevcore", "samples", "parents", "tools.fuzz.targets"]
+INSTRUMENTED = ["mdevcore"]  # parents, samples and the targets are inside it
 
 
 def signature(exc: BaseException) -> str:
@@ -62,11 +62,11 @@ def main() -> None:
     # command that lands here again with the same target and findings.
     relaunch = findings_dir.parent / "relaunch.sh"
     relaunch.write_text(
-        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m tools.fuzz.child "
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m mdevcore.tools.fuzz.child "
         f'{shlex.quote(name)} {shlex.quote(str(findings_dir))} "$@"\n'
     )
     relaunch.chmod(0o755)
-    module = sys.modules[f"tools.fuzz.targets.{fuzz.TARGETS[name]}"]
+    module = sys.modules[f"mdevcore.tools.fuzz.targets.{fuzz.TARGETS[name]}"]
     mutator = getattr(module, "custom_mutator", None)
     extra = {}
     if mutator is not None:

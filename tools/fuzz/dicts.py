@@ -3,7 +3,7 @@
 Byte mutation rarely spells a valid command number, a header with a
 matching size or a capability name; a dictionary hands libFuzzer those
 tokens to splice in.  They are built from the project's own constants at
-run time (``python -m tools.fuzz`` writes ``TARGET.dict`` into its work
+run time (``python -m mdevcore.tools.fuzz`` writes ``TARGET.dict`` into its work
 directory), so they follow the protocol definitions instead of going stale
 in a checked-in file.
 """

@@ -1,6 +1,6 @@
 """Rebuild the seed corpus (tests/fuzz/corpus/TARGET/) from real traffic.
 
-``python -m tools.fuzz.seeds [TARGET...]``.  Each target module's
+``python -m mdevcore.tools.fuzz.seeds [TARGET...]``.  Each target module's
 ``seeds()`` says where its inputs come from (recorded client sessions,
 the NVMe host harness's commands, states saved by working devices).
 Files are named ``seed-<what>``; inputs libFuzzer found and kept are
@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from tools.fuzz import CORPUS, TARGETS
+from mdevcore.tools.fuzz import CORPUS, TARGETS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.fuzz.seeds", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m mdevcore.tools.fuzz.seeds", description=__doc__
+    )
     parser.add_argument("targets", nargs="*", default=list(TARGETS))
     args = parser.parse_args(argv)
     for name in args.targets:
-        module = importlib.import_module(f"tools.fuzz.targets.{TARGETS[name]}")
+        module = importlib.import_module(f"mdevcore.tools.fuzz.targets.{TARGETS[name]}")
         folder = CORPUS / name
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("seed-*"):

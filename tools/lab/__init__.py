@@ -7,7 +7,7 @@ powers off.  Needs root, ``debootstrap`` and util-linux on the host.
 
 From a test (other helpers' tests do the same)::
 
-    from tools.lab import Lab, LabError
+    from mdevcore.tools.lab import Lab, LabError
 
     lab = Lab.ensure()            # ~60 s the first time, instant after
     result = lab.boot(
@@ -39,11 +39,11 @@ so kernel warnings cannot split its output.  ~6-9 s per boot under TCG.
 
 Cache: ``/var/cache/mdevcore-lab`` unless ``$MDEVCORE_LAB_DIR`` or
 ``cache_dir=``.  The Debian mirror comes from the host's apt sources
-(override: ``$MDEVCORE_LAB_MIRROR``).  CLI: ``python -m tools.lab --help``.
+(override: ``$MDEVCORE_LAB_MIRROR``).  CLI: ``python -m mdevcore.tools.lab --help``.
 """
 
-from tools.lab.errors import LabError
-from tools.lab.lab import GuestResult, Lab, clean
-from tools.lab.qemu import choose_accel
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.lab import GuestResult, Lab, clean
+from mdevcore.tools.lab.qemu import choose_accel
 
 __all__ = ["GuestResult", "Lab", "LabError", "choose_accel", "clean"]

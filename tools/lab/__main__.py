@@ -1,7 +1,7 @@
-"""``python -m tools.lab ARGS``: the same as ``mdevd lab ARGS``."""
+"""``python -m mdevcore.tools.lab ARGS``: the same as ``mdevd lab ARGS``."""
 
 import sys
 
-from tools.lab.cli import main
+from mdevcore.tools.lab.cli import main
 
 sys.exit(main())

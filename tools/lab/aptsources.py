@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tools.lab.errors import LabError
+from mdevcore.tools.lab.errors import LabError
 
 MIRROR_ENV = "MDEVCORE_LAB_MIRROR"
 _SIDE_SUITES = ("-security", "-updates", "-backports", "-proposed-updates")

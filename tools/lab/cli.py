@@ -1,4 +1,4 @@
-"""``mdevd lab ...`` / ``python -m tools.lab ...``: set up the lab, boot guests.
+"""``mdevd lab ...`` / ``python -m mdevcore.tools.lab ...``: set up the lab, boot guests.
 
 Exit status of ``boot`` is the guest script's own; lab failures use the
 values timeout(1) and shells use: 124 timeout, 125 any other lab error.
@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from tools.lab.errors import LabError
-from tools.lab.lab import Lab, clean
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.lab import Lab, clean
 
 EXIT_TIMEOUT = 124
 EXIT_LAB_ERROR = 125

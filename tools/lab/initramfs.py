@@ -22,9 +22,9 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from tools.lab.cpio import CpioArchive
-from tools.lab.errors import LabError
-from tools.lab.rootpath import host_path, resolve_in_root
+from mdevcore.tools.lab.cpio import CpioArchive
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.rootpath import host_path, resolve_in_root
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tools.lab import config, initramfs, qemu, setup
-from tools.lab.cpio import CpioArchive
-from tools.lab.errors import LabError
-from tools.lab.namespace import Binds, chroot_env, namespace_argv, require_root_tools
+from mdevcore.tools.lab import config, initramfs, qemu, setup
+from mdevcore.tools.lab.cpio import CpioArchive
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.namespace import Binds, chroot_env, namespace_argv, require_root_tools
 
 log = logging.getLogger(__name__)
 

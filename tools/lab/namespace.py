@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tools.lab.errors import LabError
-from tools.lab.rootpath import host_path, resolve_in_root
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.rootpath import host_path, resolve_in_root
 
 # Runs inside the new namespace: $1 = chroot, then operations, "--", argv.
 #   tmpfs DIR     a fresh tmpfs on DIR, seen only by this namespace

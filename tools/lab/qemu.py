@@ -1,6 +1,6 @@
 """Build QEMU's command line and run one guest to completion.
 
-QEMU runs in the chroot through :mod:`tools.lab.namespace`.  Its serial
+QEMU runs in the chroot through :mod:`mdevcore.tools.lab.namespace`.  Its serial
 console (stdout) and its own messages (stderr) are read until the guest's
 result line shows up; the run ends with an error on timeout, on a KVM
 internal error (QEMU pauses there instead of exiting), or when QEMU quits
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.lab.errors import LabError
+from mdevcore.tools.lab.errors import LabError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tools.lab.errors import LabError
+from mdevcore.tools.lab.errors import LabError
 
 _MAX_LINKS = 40  # as the kernel's MAXSYMLINKS
 

@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tools.lab import config
-from tools.lab.aptsources import find_mirror
-from tools.lab.errors import LabError
-from tools.lab.namespace import chroot_env, mounts_under, namespace_argv
+from mdevcore.tools.lab import config
+from mdevcore.tools.lab.aptsources import find_mirror
+from mdevcore.tools.lab.errors import LabError
+from mdevcore.tools.lab.namespace import chroot_env, mounts_under, namespace_argv
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The vfio-user engine after VERSION, against a real PciDevice (Counter or mtty).
 
-Input: byte 0 picks the device (even: samples.counter.Counter, odd: a
+Input: byte 0 picks the device (even: mdevcore.samples.counter.Counter, odd: a
 2-port mtty); the rest is records, one per recvmsg the server would do::
 
     u8 fds (bits 0-1: how many, 0-3; bit 2: memfd of 64 KiB, else eventfd)
@@ -29,6 +29,9 @@ import os
 import struct
 
 from mdevcore.pci.device import PciDevice
+from mdevcore.samples.counter import Counter
+from mdevcore.samples.mtty.device import MttyDevice
+from mdevcore.tools.fuzz import check, open_fds
 from mdevcore.vfio_user import wire
 from mdevcore.vfio_user.backend import PCI_CONFIG_REGION_INDEX
 from mdevcore.vfio_user.constants import (
@@ -41,9 +44,6 @@ from mdevcore.vfio_user.constants import (
 )
 from mdevcore.vfio_user.engine import Connection
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
-from samples.counter import Counter
-from samples.mtty.device import MttyDevice
-from tools.fuzz import check, open_fds
 
 # Errnos a reply may carry: what the spec's server (libvfio-user) and ours
 # answer for refused requests.  A transport errno (ENOTCONN, EPIPE...) or an
@@ -286,7 +286,7 @@ def seeds() -> dict[str, bytes]:
     """Sessions of the project's Client against a served Counter and mtty."""
     from functools import partial
 
-    from tools.fuzz import record
+    from mdevcore.tools.fuzz import record
 
     counter = partial(record.qemu_like_session, bars=[0], io_offsets=[0, 4, 8])
     mtty = partial(record.qemu_like_session, bars=[0, 1], io_offsets=list(range(8)))

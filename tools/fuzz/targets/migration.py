@@ -37,17 +37,17 @@ from mdevcore.nvme.spec import (
     REG_CC,
     AdminOpcode,
 )
+from mdevcore.parents.pds.vf import STATE_MAGIC, PdsNvmeVf, VfConfig
 from mdevcore.pci import caps
 from mdevcore.pci.device import PciDevice
+from mdevcore.samples.mtty.device import MttyDevice
+from mdevcore.tools.fuzz import Finding, check
 from mdevcore.vfio_user.backend import (
     DMA_MAP_FLAG_READ,
     DMA_MAP_FLAG_WRITE,
     PCI_CONFIG_REGION_INDEX,
     DmaMapping,
 )
-from parents.pds.vf import STATE_MAGIC, PdsNvmeVf, VfConfig
-from samples.mtty.device import MttyDevice
-from tools.fuzz import Finding, check
 
 BASE = 0x10_0000
 GUEST = 1 << 20

@@ -52,8 +52,8 @@ from mdevcore.nvme.spec import (
     IoOpcode,
 )
 from mdevcore.pci.dma import DmaTable
+from mdevcore.tools.fuzz import Finding, check
 from mdevcore.vfio_user.backend import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DmaMapping
-from tools.fuzz import Finding, check
 
 PAGE = 4096
 HALF = 128 << 10  # each of the two mappings

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from mdevcore import kernel_parse as kp
 from mdevcore.core import MdevCore
 from mdevcore.pci.bus import Bdf, PciBus, PciFunction
+from mdevcore.samples.counter import Counter
+from mdevcore.samples.mtty.device import MttyDriver
 from mdevcore.sysfs.mdev_view import create_store, remove_store
-from samples.counter import Counter
-from samples.mtty.device import MttyDriver
-from tools.fuzz import Finding, check
-from tools.fuzz.targets import kernel_model as km
+from mdevcore.tools.fuzz import Finding, check
+from mdevcore.tools.fuzz.targets import kernel_model as km
 
 PAGE_SIZE = 4096
 BDF = "0000:00:01.0"

@@ -33,11 +33,11 @@ import struct
 from typing import Any
 
 from mdevcore.pci.dma import DmaTable
+from mdevcore.tools.fuzz import Finding, check
 from mdevcore.vfio_user.backend import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DmaMapping
 from mdevcore.virtio import spec
 from mdevcore.virtio.chain import Chain, VirtqError, gather, scatter
 from mdevcore.virtio.virtqueue import QueueState, SplitQueue
-from tools.fuzz import Finding, check
 
 PAGE = 4096
 SIZE = 64 << 10
