@@ -12,7 +12,7 @@ A key is a long flag of ``mdevd serve`` without its dashes; a parent's
     log-format = "json"
     log-level = "info"
 
-    [mdevcore.parents.pds]
+    [parents.pds]
     backing_dir = "/var/lib/mdevd/pds"
     doorbells = "mmap"
 
@@ -40,7 +40,7 @@ from typing import Any
 DEFAULT_PATH = Path("/etc/mdevd/mdevd.toml")
 
 # Flags that are not keys: the file itself, and spellings with a better key
-# (--verbose is log-level = "debug", --no-pds and --pds-* are [mdevcore.parents.pds]
+# (--verbose is log-level = "debug", --no-pds and --pds-* are [parents.pds]
 # or no-parent, --parent-opt is the [parents.NAME] tables).
 _NOT_KEYS = frozenset({"help", "config", "no-config", "verbose", "parent-opt", "no-pds"})
 _NOT_KEY_PREFIXES = ("pds-",)
@@ -238,7 +238,7 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
 
 
 def key_line(text: str, dotted: str) -> int | None:
-    """The line of ``dotted`` (e.g. "mdevcore.parents.pds.doorbells"), or of its nearest table."""
+    """The line of ``dotted`` (e.g. "parents.pds.doorbells"), or of its nearest table."""
     lines = key_lines(text)
     path = _parts(dotted)
     for end in range(len(path), 0, -1):

@@ -39,7 +39,7 @@ def test_the_file_sets_options_and_flags_win(tmp_path: Path) -> None:
         no-parent = ["ifcvf"]
         log-format = "json"
 
-        [mdevcore.parents.pds]
+        [parents.pds]
         doorbells = "mmap"
         total_vfs = 4
         """,
@@ -123,11 +123,11 @@ def test_mdevd_serve_from_a_config_file(tmp_path: Path) -> None:
 
 
 def test_a_bad_file_stops_mdevd_with_exit_2(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'run-dir = "/run/x"\n[mdevcore.parents.pds]\ndoorbels = "mmap"\n')
+    path = _write(tmp_path, 'run-dir = "/run/x"\n[parents.pds]\ndoorbels = "mmap"\n')
     r = mdevd("serve", "--config", path)
     assert r.returncode == 2
     assert r.stderr == (
-        f"mdevd: error: {path}:3: mdevcore.parents.pds.doorbels: pds takes no 'doorbels' "
+        f"mdevd: error: {path}:3: parents.pds.doorbels: pds takes no 'doorbels' "
         "(it takes: backing_dir, doorbells, ns_size, pf, total_vfs)\n"
     )
 
