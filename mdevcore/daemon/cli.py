@@ -19,6 +19,7 @@ mdevd --version
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -250,10 +251,17 @@ def main(argv: list[str] | None = None) -> int:
             args = _with_config(parser, args_list)
             roles = _serve_roles(args)
             logs.configure(args.log_format, "debug" if args.verbose else args.log_level)
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen by the handler below
+        return code
     except config.ConfigError as e:
         print(f"mdevd: error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`mdevd parents | head`): nothing failed here.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return errors.EXIT_OK
     except OSError as e:
         print(f"mdevd: error: {errors.explain(e, roles)}", file=sys.stderr)
         return errors.EXIT_FAILED

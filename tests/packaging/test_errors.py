@@ -4,6 +4,8 @@ those ``--help`` lists.  Each case runs the real ``mdevd serve``."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,16 @@ def test_vfio_user_cli_says_what_it_could_not_reach(
         f"vfio-user-cli: error: cannot connect to {tmp_path}/fifo: "
         "Connection refused (ECONNREFUSED)\n"
     )
+
+
+def test_a_reader_that_goes_away_is_not_an_error() -> None:
+    """`mdevd parents | head -1`: the closed pipe ends mdevd quietly, exit 0."""
+    cli = "import sys; from mdevcore.daemon.cli import main; sys.exit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", cli, "parents"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader leaves before mdevd has written anything
+    err = proc.stderr.read()
+    assert proc.wait(30) == 0
+    assert b"error" not in err, err
