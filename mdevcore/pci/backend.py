@@ -71,18 +71,7 @@ _RESET_KEEPS = (
 # Every name this layer owns; PciDevice refuses subclasses that define one.
 BACKEND_NAMES = frozenset(
     {
-        "device_info",
-        "region_info",
-        "region_read",
-        "region_write",
-        "irq_info",
-        "set_irqs",
-        "dma_map",
-        "dma_unmap",
-        "reset",
-        "device_feature",
-        "mig_data_read",
-        "mig_data_write",
+        *vfio.REQUEST_METHODS,
         "connected",
         "disconnected",
         "close",

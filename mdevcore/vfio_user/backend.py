@@ -148,6 +148,24 @@ class DmaPort(Protocol):
     async def dma_write(self, address: int, data: bytes) -> None: ...
 
 
+# The DeviceBackend methods the engine calls for requests (the profiler
+# times these; PciDevice reserves them).
+REQUEST_METHODS = (
+    "device_info",
+    "region_info",
+    "region_read",
+    "region_write",
+    "irq_info",
+    "set_irqs",
+    "dma_map",
+    "dma_unmap",
+    "reset",
+    "device_feature",
+    "mig_data_read",
+    "mig_data_write",
+)
+
+
 @runtime_checkable
 class DeviceBackend(Protocol):
     """What the vfio-user engine needs from a device (see module doc)."""

@@ -29,24 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mdevcore.vfio_user.backend import REQUEST_METHODS
 from mdevcore.vfio_user.constants import HEADER_SIZE, Command
 from mdevcore.vfio_user.wire import HEADER
 
-# The backend methods the engine calls (mdevcore.vfio_user.backend.DeviceBackend).
-_TIMED = (
-    "device_info",
-    "region_info",
-    "region_read",
-    "region_write",
-    "irq_info",
-    "set_irqs",
-    "dma_map",
-    "dma_unmap",
-    "reset",
-    "device_feature",
-    "mig_data_read",
-    "mig_data_write",
-)
+_TIMED = REQUEST_METHODS  # the backend methods the engine calls
 _NAMES = {int(c): c.name for c in Command}
 MAX_SAMPLES = 1 << 20
 
