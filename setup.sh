@@ -23,10 +23,12 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-# The entry points are checked too: an install from before the plug-ins had none.
+# The entry points are checked too: an install from before the plug-ins had
+# none, and one from before the mdevcore.* namespace names top-level modules.
 if ! .venv/bin/python -c 'import mdevcore, pyfuse3, trio, construct, pytest_trio, hypothesis, cffi, build, twine
 from importlib.metadata import entry_points
-assert {"mtty", "pds"} <= set(entry_points(group="mdevcore.parents").names)' 2>/dev/null; then
+eps = entry_points(group="mdevcore.parents")
+assert {"mtty", "pds"} <= set(eps.names) and all(ep.value.startswith("mdevcore.") for ep in eps)' 2>/dev/null; then
     echo "setup: installing Python packages into .venv"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,libvfio-user]'
 fi
