@@ -152,12 +152,7 @@ class Client:
             if msg is not None:
                 return msg
             n, ancdata, flags, _ = self.sock.recvmsg_into([self._rview], socket.CMSG_SPACE(4 * 64))
-            fds: list[int] = []
-            for level, kind, blob in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(blob[: len(blob) - len(blob) % 4])
-                    fds.extend(arr)
+            fds = wire.fds_from_ancdata(ancdata)
             if not n:
                 wire.close_fds(fds)
                 raise EOFError("server closed the connection")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import array
 import collections
-import contextlib
 import fcntl
 import os
 import socket
@@ -31,6 +30,7 @@ import termios
 import trio
 
 from mdevcore.vfio_user.constants import HEADER_SIZE
+from mdevcore.vfio_user.wire import close_fds, fds_from_ancdata
 
 _HEADER = struct.Struct("<HHIII")
 _MAX_FIRST = 64 * 1024  # a VERSION is a few hundred bytes; libvfio-user refuses huge ones
@@ -43,22 +43,6 @@ def queued(sock: socket.socket) -> int:
     """Bytes waiting in ``sock``'s receive queue."""
     buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
-
-
-def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
@@ -130,9 +114,9 @@ class Acceptor:
         got = 0
         while got < size:  # all queued: these reads do not wait
             data, anc, _flags, _ = client.recvmsg(size - got, _CMSG_SPACE, socket.MSG_DONTWAIT)
-            fds += _fds(anc)
+            fds += fds_from_ancdata(anc)
             if not data:
-                _close_all(fds)
+                close_fds(fds)
                 return None
             chunks.append(data)
             got += len(data)
@@ -150,7 +134,7 @@ class Acceptor:
             helper.close()
             raise
         finally:
-            _close_all(fds)
+            close_fds(fds)
         return helper
 
     @staticmethod
@@ -161,14 +145,14 @@ class Acceptor:
                 data, anc, _flags, _ = helper.recvmsg(_MAX_FIRST, _CMSG_SPACE)
             except (BlockingIOError, ConnectionResetError):
                 return
-            fds = _fds(anc)
+            fds = fds_from_ancdata(anc)
             try:
                 if data:
                     _send(client, data, fds)
             except OSError:
                 pass  # the client left already; attaching finds out
             finally:
-                _close_all(fds)
+                close_fds(fds)
             if not data:
                 return
 

@@ -46,20 +46,9 @@ from mdevcore.vfio_user.engine import Connection, DmaResult
 from mdevcore.vfio_user.locking import DeviceLock
 from mdevcore.vfio_user.profile import ConnectionProfile
 from mdevcore.vfio_user.stats import DeviceStats
-from mdevcore.vfio_user.wire import close_fds
+from mdevcore.vfio_user.wire import close_fds, fds_from_ancdata
 
 log = logging.getLogger(__name__)
-
-
-def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The SCM_RIGHTS fds of a recvmsg's ancillary data."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
 
 
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)

@@ -38,8 +38,7 @@ from mdevcore.vfio_user.constants import SERVER_MAX_MSG_FDS
 from mdevcore.vfio_user.engine import Connection, DmaResult
 from mdevcore.vfio_user.profile import ConnectionProfile
 from mdevcore.vfio_user.stats import DeviceStats
-from mdevcore.vfio_user.threaded import fds_from_ancdata
-from mdevcore.vfio_user.wire import close_fds
+from mdevcore.vfio_user.wire import close_fds, fds_from_ancdata
 
 RECV_SIZE = 256 * 1024
 # Plain ints: socket.MSG_* are IntFlag members, whose & costs microseconds.

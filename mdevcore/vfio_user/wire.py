@@ -11,8 +11,10 @@ only runs on x86-64.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import os
+import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -255,6 +257,17 @@ class RawMessage:
 
 class FramingError(Exception):
     """The byte stream cannot be split into messages: the connection is over."""
+
+
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The SCM_RIGHTS fds of a recvmsg's ancillary data (a partial int is dropped)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
 
 
 def close_fds(fds: Sequence[int]) -> None:
