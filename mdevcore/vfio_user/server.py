@@ -29,11 +29,13 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
 from mdevcore.unix_listener import unix_listener
-from mdevcore.vfio_user.backend import DeviceBackend
+from mdevcore.vfio_user.backend import DeviceBackend, DmaPort
 from mdevcore.vfio_user.locking import DeviceLock, device_lock, run_locked
 from mdevcore.vfio_user.profile import ConnectionProfile
 from mdevcore.vfio_user.stats import DeviceStats
@@ -208,19 +210,44 @@ class DeviceServer:
                 print(profile.report(name), file=sys.stderr, flush=True)
 
     async def _serve_threaded(self, client: ThreadedClient, scope: trio.CancelScope) -> None:
-        """As _serve_client, the connection on its thread; device calls under the lock."""
-        lock = client.lock
+        """The connection on its thread; device calls from here take the lock."""
+        await self._serve_one(
+            client, scope, ThreadedDmaPort(client), partial(serve_threaded, client), client.lock,
+            lambda: f"{client.conn.handled} requests, {client.yields} turns yielded; thread",
+            " (thread)",
+        )  # fmt: skip
+
+    async def _serve_client(self, client: TrioClient, scope: trio.CancelScope) -> None:
+        await self._serve_one(
+            client, scope, TrioDmaPort(client), client.run, contextlib.nullcontext(),
+            lambda: (f"{client.conn.handled} requests, {client.parks} parks, "
+                     f"{client.spin_hits} caught spinning, {client.yields} turns yielded"),
+            "",
+        )  # fmt: skip
+
+    async def _serve_one(
+        self,
+        client: ThreadedClient | TrioClient,
+        scope: trio.CancelScope,
+        port: DmaPort,
+        run: Callable[[], Awaitable[None]],
+        lock: contextlib.AbstractContextManager[object],
+        counters: Callable[[], str],
+        mode: str,
+    ) -> None:
+        """One client from connect to gone, in either I/O mode."""
         with lock:
-            self.stats.event("connect", "%s: client connected (thread)", client.name)
+            self.stats.event("connect", "%s: client connected%s", client.name, mode)
         try:
             with scope:
                 try:
                     with lock:
-                        self.backend.connected(ThreadedDmaPort(client))
+                        self.backend.connected(port)
                 except Exception:
+                    # A device bug costs this client, not the server.
                     log.exception("%s: device failed in connected()", client.name)
                     return
-                await serve_threaded(client)
+                await run()
         finally:
             client.close()
             self._client = None
@@ -230,44 +257,8 @@ class DeviceServer:
                     self.backend.disconnected()
                 except Exception:
                     log.exception("%s: device failed in disconnected()", client.name)
-                self.stats.event(
-                    "gone",
-                    "%s: client gone (%d requests, %d turns yielded; thread)",
-                    client.name,
-                    client.conn.handled,
-                    client.yields,
-                )
+                self.stats.event("gone", "%s: client gone (%s)", client.name, counters())
                 self.stats.flush()
-
-    async def _serve_client(self, client: TrioClient, scope: trio.CancelScope) -> None:
-        self.stats.event("connect", "%s: client connected", client.name)
-        try:
-            with scope:
-                try:
-                    self.backend.connected(TrioDmaPort(client))
-                except Exception:
-                    # A device bug costs this client, not the server.
-                    log.exception("%s: device failed in connected()", client.name)
-                    return
-                await client.run()
-        finally:
-            client.close()
-            self._client = None
-            self._client_scope = None
-            try:
-                self.backend.disconnected()
-            except Exception:
-                log.exception("%s: device failed in disconnected()", client.name)
-            self.stats.event(
-                "gone",
-                "%s: client gone (%d requests, %d parks, %d caught spinning, %d turns yielded)",
-                client.name,
-                client.conn.handled,
-                client.parks,
-                client.spin_hits,
-                client.yields,
-            )
-            self.stats.flush()
 
 
 async def serve_forever(
