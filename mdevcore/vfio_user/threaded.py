@@ -31,7 +31,6 @@ from __future__ import annotations
 import array
 import errno
 import logging
-import os
 import select
 import socket
 import threading
@@ -42,6 +41,7 @@ from functools import partial
 import trio
 
 from mdevcore.vfio_user.backend import DeviceBackend
+from mdevcore.vfio_user.dma_waiters import DmaWaiters
 from mdevcore.vfio_user.engine import Connection, DmaResult
 from mdevcore.vfio_user.locking import DeviceLock
 from mdevcore.vfio_user.profile import ConnectionProfile
@@ -87,7 +87,7 @@ class ThreadedClient:
                                name=name, stats=stats)  # fmt: skip
         self.send_lock = threading.Lock()
         self._token = trio.lowlevel.current_trio_token()
-        self._waiters: dict[int, tuple[trio.Event, list[DmaResult]]] = {}
+        self._waiters = DmaWaiters()
         self._buf = bytearray(recv_size)
         self._view = memoryview(self._buf)
         self._cmsg_space = cmsg_space
@@ -251,33 +251,18 @@ class ThreadedClient:
             pass  # not connected any more: the thread is ending anyway
 
     def _complete(self, results: Sequence[DmaResult]) -> None:
-        for result in results:
-            waiter = self._waiters.get(result.msg_id)
-            if waiter is not None:
-                waiter[1].append(result)
-                waiter[0].set()
+        self._waiters.complete(results)
 
     async def dma_request(self, make_request: Callable[[], int]) -> DmaResult:
         """Queue one DMA request (under the lock), send it, wait for its reply."""
         if self.gone:
             raise OSError(errno.ENOTCONN, "client gone")
-        event = trio.Event()
-        slot: list[DmaResult] = []
         with self.lock:
             # The thread takes its own output inside the lock: what is
             # queued now is this request alone.
             msg_id = make_request()
             out = self.conn.outgoing()
-        self._waiters[msg_id] = (event, slot)
-        try:
-            await self._send_from_trio(out)
-            await event.wait()
-        finally:
-            self._waiters.pop(msg_id, None)
-        result = slot[0]
-        if result.error:
-            raise OSError(result.error, f"DMA request failed: {os.strerror(result.error)}")
-        return result
+        return await self._waiters.wait(msg_id, partial(self._send_from_trio, out))
 
     async def _send_from_trio(self, out: list[tuple[list[bytes], list[int]]]) -> None:
         # Never block the trio thread: the send lock may be held by the

@@ -25,7 +25,6 @@ from __future__ import annotations
 import array
 import errno
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ import trio
 
 from mdevcore.vfio_user.backend import DeviceBackend
 from mdevcore.vfio_user.constants import SERVER_MAX_MSG_FDS
+from mdevcore.vfio_user.dma_waiters import DmaWaiters
 from mdevcore.vfio_user.engine import Connection, DmaResult
 from mdevcore.vfio_user.profile import ConnectionProfile
 from mdevcore.vfio_user.stats import DeviceStats
@@ -110,7 +110,7 @@ class TrioClient:
         self._pending: list[tuple[list[bytes], list[int]]] = []
         self._writer_busy = False
         self._drained = trio.Event()
-        self._waiters: dict[int, tuple[trio.Event, list[DmaResult]]] = {}
+        self._waiters = DmaWaiters()
         self.gone = False
         # recvmsg(n) allocates n bytes per call - an mmap/munmap pair at this
         # size, ~35 us - so receive into one buffer kept for the connection.
@@ -187,26 +187,10 @@ class TrioClient:
     async def dma_request(self, make_request: Callable[[], int]) -> DmaResult:
         if self.gone:
             raise OSError(errno.ENOTCONN, "client gone")
-        msg_id = make_request()
-        event = trio.Event()
-        slot: list[DmaResult] = []
-        self._waiters[msg_id] = (event, slot)
-        try:
-            await self.flush()
-            await event.wait()
-        finally:
-            self._waiters.pop(msg_id, None)
-        result = slot[0]
-        if result.error:
-            raise OSError(result.error, f"DMA request failed: {os.strerror(result.error)}")
-        return result
+        return await self._waiters.wait(make_request(), self.flush)
 
     def complete(self, results: Sequence[DmaResult]) -> None:
-        for result in results:
-            waiter = self._waiters.get(result.msg_id)
-            if waiter is not None:
-                waiter[1].append(result)
-                waiter[0].set()
+        self._waiters.complete(results)
 
     # --- receiving --------------------------------------------------------
 
