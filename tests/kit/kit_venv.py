@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -55,3 +56,16 @@ def build_dist(out: Path, ignore: Sequence[str] = (".git", ".venv", "build", "*.
     shutil.copytree(CHECKOUT, source, ignore=shutil.ignore_patterns(*ignore, "dist"))
     run(sys.executable, "-m", "build", "--outdir", out / "dist", source)
     return out / "dist"
+
+
+def wait_ready(proc: subprocess.Popen[bytes]) -> None:
+    """Until the mdevd ``proc`` prints "mdevd: ready" (killed and failed if it ends first)."""
+    assert proc.stdout is not None
+    out = b""
+    while b"mdevd: ready\n" not in out:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
+        if not chunk:
+            proc.kill()
+            raise AssertionError(f"mdevd did not start: {out.decode()}")
+        out += chunk

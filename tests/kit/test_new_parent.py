@@ -4,14 +4,12 @@ through the mirror and with mdevctl, and driven by a lab guest."""
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from kit_venv import WheelVenv, run
+from kit_venv import WheelVenv, run, wait_ready
 
 from mdevcore.newparent import generate
 
@@ -19,18 +17,6 @@ pytestmark = pytest.mark.qemu
 
 NAME = "kitdev"
 TYPES = f"devices/virtual/{NAME}/{NAME}/mdev_supported_types/{NAME}-1"
-
-
-def wait_ready(proc: subprocess.Popen[bytes]) -> None:
-    assert proc.stdout is not None
-    out = b""
-    while b"mdevd: ready\n" not in out:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise AssertionError(f"mdevd did not start: {out.decode()}")
-        out += chunk
 
 
 @pytest.fixture(scope="module")

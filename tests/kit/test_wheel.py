@@ -5,14 +5,12 @@ site-packages."""
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-from kit_venv import CLEAN_ENV, WheelVenv, run
+from kit_venv import CLEAN_ENV, WheelVenv, run, wait_ready
 
 from mdevcore import __version__
 
@@ -79,7 +77,7 @@ def test_installed_mdevd_serves_an_mtty_device(wheel_venv: WheelVenv, tmp_path: 
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path, env=CLEAN_ENV,
     )  # fmt: skip
     try:
-        _wait_ready(proc)
+        wait_ready(proc)
         dev = uuid.uuid4()
         (sysfs / TYPES / "create").write_text(f"{dev}\n")
         socket = run_dir / f"{dev}.sock"
@@ -93,15 +91,3 @@ def test_installed_mdevd_serves_an_mtty_device(wheel_venv: WheelVenv, tmp_path: 
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
-
-
-def _wait_ready(proc: subprocess.Popen[bytes]) -> None:
-    assert proc.stdout is not None
-    out = b""
-    while b"mdevd: ready\n" not in out:
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise AssertionError(f"mdevd did not start: {out.decode()}")
-        out += chunk
