@@ -1,11 +1,15 @@
 """In-process cost of the NVMe controller: 4 KiB random reads/writes per second.
 
-No QEMU, no socket: a memfd plays guest memory, a minimal host driver fills
-the submission queue and rings the doorbell through ``mmio_write``, the
-controller executes against a file-backed namespace.  Prints IOPS and
-microseconds per command at queue depth 1 and 32, so the Python cost of one
-command can be compared with the socket round trip (benchmarks/vfio_user_rtt.py) and with the
-guest-level figures of benchmarks/nvme_guest.py.
+No QEMU, no socket: a memfd mapped through the device's real DmaTable plays
+guest memory, a minimal host driver fills the submission queue and rings
+the doorbell through ``mmio_write`` (with shadow doorbells configured as a
+Linux guest does, unless ``--no-shadow``), the controller executes against
+a file-backed namespace and signals an eventfd as its interrupt.  Prints
+IOPS and microseconds per command at queue depth 1 and 32, and at depth 1
+the doorbell-to-interrupt latency (p50/p99): the part of a guest's QD1
+round trip the controller owns.  Compare with the socket round trip
+(benchmarks/vfio_user_rtt.py) and the guest-level figures of
+benchmarks/nvme_guest.py.
 
     .venv/bin/python benchmarks/nvme_controller.py [--seconds 2] [--dir /tmp]
 """
@@ -13,7 +17,6 @@ guest-level figures of benchmarks/nvme_guest.py.
 from __future__ import annotations
 
 import argparse
-import errno
 import mmap
 import os
 import random
@@ -33,24 +36,24 @@ from mdevcore.nvme.spec import (
     AdminOpcode,
     IoOpcode,
 )
+from mdevcore.pci.dma import DmaTable
+from mdevcore.vfio_user.backend import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DmaMapping
 
 PAGE = 4096
 BASE = 0x100000
 
 
 class Memory:
+    """Guest memory: a memfd the host side mmaps, DMA_MAP'ed into a DmaTable."""
+
     def __init__(self, size: int) -> None:
         self.fd = os.memfd_create("bench-guest")
         os.ftruncate(self.fd, size)
         self.mm = mmap.mmap(self.fd, size)
         self.size = size
         self.next = BASE
-
-    def translate(self, iova: int, length: int, write: bool) -> memoryview:
-        if iova < BASE or iova + length > BASE + self.size:
-            raise OSError(errno.EFAULT, "unmapped")
-        off = iova - BASE
-        return memoryview(self.mm)[off : off + length]
+        self.table = DmaTable()
+        self.table.map(DmaMapping(BASE, size, DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE, self.fd, 0))
 
     def alloc(self, size: int) -> int:
         addr = self.next
@@ -59,11 +62,13 @@ class Memory:
 
 
 class Bench:
-    def __init__(self, directory: str, ns_bytes: int, direct: bool) -> None:
+    def __init__(self, directory: str, ns_bytes: int, direct: bool, shadow: bool) -> None:
         self.mem = Memory(64 << 20)
         self.ns = FileNamespace(os.path.join(directory, "bench.img"), ns_bytes, direct=direct)
+        self.irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.irq_at = 0
         self.ctrl = NvmeController(
-            self.mem, [self.ns], lambda v: None, config=ControllerConfig(max_io_queues=2)
+            self.mem.table, [self.ns], self._irq, config=ControllerConfig(max_io_queues=2)
         )
         self.depth = 64
         asq, acq = self.mem.alloc(PAGE), self.mem.alloc(PAGE)
@@ -95,9 +100,26 @@ class Bench:
                 cdw11=1 << 16 | 1,
             ),
         )
+        self.shadow = 0
+        if shadow:
+            # Doorbell Buffer Config: a shadow doorbell page and an EventIdx page.
+            self.shadow, eventidx = self.mem.alloc(PAGE), self.mem.alloc(PAGE)
+            cmd = make_command(AdminOpcode.DOORBELL_BUFFER_CONFIG, cid=3, prp1=self.shadow,
+                               prp2=eventidx)  # fmt: skip
+            self._admin(asq, 2, cmd)
         self.tail = self.head = 0
         self.buffers = [self.mem.alloc(PAGE) for _ in range(self.depth)]
         self.nlbas = ns_bytes // 512
+
+    def _irq(self, vector: int) -> None:
+        os.eventfd_write(self.irq_fd, 1)  # what an MSI-X trigger costs the device
+        self.irq_at = time.perf_counter_ns()
+
+    def ring(self, index: int, value: int) -> None:
+        """An I/O queue doorbell as Linux rings it: the shadow, then MMIO (EventIdx says when)."""
+        if self.shadow:
+            struct.pack_into("<I", self.mem.mm, self.shadow - BASE + 4 * index, value)
+        self.w32(DOORBELL_BASE + 4 * index, value)
 
     def w32(self, off: int, value: int) -> None:
         self.ctrl.mmio_write(off, struct.pack("<I", value))
@@ -108,9 +130,11 @@ class Bench:
         self.w32(DOORBELL_BASE, slot + 1)
         self.ctrl.process()
 
-    def run(self, opcode: int, qd: int, seconds: float) -> tuple[int, float]:
+    def run(self, opcode: int, qd: int, seconds: float) -> tuple[int, float, list[int]]:
+        """Commands done, seconds taken, and per batch the doorbell-to-interrupt ns."""
         rng = random.Random(1)
         done = 0
+        latencies = []
         start = time.perf_counter()
         end = start + seconds
         sq_off, cq_off = self.sq - BASE, self.cq - BASE
@@ -124,27 +148,31 @@ class Bench:
                 o = sq_off + self.tail * 64
                 self.mem.mm[o : o + 64] = cmd.encode()
                 self.tail = (self.tail + 1) % self.depth
-            self.w32(DOORBELL_BASE + 8, self.tail)
+            rung = time.perf_counter_ns()
+            self.ring(2, self.tail)
             while self.ctrl.process():
                 pass
+            latencies.append(self.irq_at - rung)
             for _ in range(qd):
                 o = cq_off + self.head * 16
                 assert self.mem.mm[o + 14] & 1 == phase, "missing completion"
                 self.head += 1
                 if self.head == self.depth:
                     self.head, phase = 0, phase ^ 1
-            self.w32(DOORBELL_BASE + 12, self.head)
+            self.ring(3, self.head)
             done += qd
             now = time.perf_counter()
             if now >= end:
                 self.phase = phase
-                return done, now - start
+                return done, now - start, latencies
 
     def close(self) -> None:
         self.ctrl.close()
         self.ns.close()
+        self.mem.table.clear()
         self.mem.mm.close()
         os.close(self.mem.fd)
+        os.close(self.irq_fd)
 
 
 def main() -> None:
@@ -155,21 +183,30 @@ def main() -> None:
     )
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--buffered", action="store_true", help="no O_DIRECT: page-cache speed")
+    parser.add_argument("--no-shadow", action="store_true", help="every doorbell trapped")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        bench = Bench(d, args.size_mib << 20, direct=not args.buffered)
+        bench = Bench(d, args.size_mib << 20, direct=not args.buffered, shadow=not args.no_shadow)
         try:
             # fill the file so reads hit real blocks, not holes
             with open(os.path.join(d, "bench.img"), "r+b") as f:
                 chunk = os.urandom(1 << 20)
                 for _ in range(args.size_mib):
                     f.write(chunk)
-            print(f"backing file: {args.size_mib} MiB, O_DIRECT={bench.ns.direct}")
+            print(
+                f"backing file: {args.size_mib} MiB, O_DIRECT={bench.ns.direct}, "
+                f"shadow doorbells {'off' if args.no_shadow else 'on'}"
+            )
             for name, opcode in (("randread", IoOpcode.READ), ("randwrite", IoOpcode.WRITE)):
                 for qd in (1, 32):
-                    n, elapsed = bench.run(opcode, qd, args.seconds)
+                    n, elapsed, lat = bench.run(opcode, qd, args.seconds)
                     iops, us = n / elapsed, elapsed / n * 1e6
-                    print(f"{name:9s} 4k qd{qd:<2d}: {iops:9.0f} IOPS  {us:7.1f} us/cmd")
+                    line = f"{name:9s} 4k qd{qd:<2d}: {iops:9.0f} IOPS  {us:7.1f} us/cmd"
+                    if qd == 1:
+                        lat.sort()
+                        p50, p99 = lat[len(lat) // 2] / 1e3, lat[len(lat) * 99 // 100] / 1e3
+                        line += f"  doorbell->irq p50 {p50:6.1f} us  p99 {p99:6.1f} us"
+                    print(line, flush=True)
         finally:
             bench.close()
 
