@@ -81,6 +81,12 @@ _ZERO_PAGE = bytes(DOORBELL_PAGE)
 # CAP, VS, INTMS, INTMC, CC, reserved, CSTS, NSSR, AQA, ASQ, ACQ
 _REGS = struct.Struct("<QIIIIIIIIQQ")
 _QWORD_REGISTERS = frozenset({REG_CAP, REG_ASQ, REG_ACQ})
+_RDY_CFS = CSTS_RDY | CSTS_CFS
+_FUSE_PSDT = 0xC3  # SQE flags: FUSE (bits 1:0) and PSDT (bits 7:6)
+
+
+def _qid(queue: SubmissionQueue) -> int:
+    return queue.qid
 
 
 def _ahead(start: int, value: int, limit: int, size: int) -> bool:
@@ -455,12 +461,21 @@ class NvmeController:
             )
 
     def _read_doorbells(self) -> None:
-        db = self.doorbells
+        db: memoryview | tuple[int, ...] = self.doorbells
         shadow = self.shadow
+        cqs, sqs = self.cqs, self.sqs
         try:
-            for cq in self.cqs.values():
-                index = 2 * cq.qid + 1
-                head = shadow.read(self.dma, index) if shadow and cq.qid else db[index]
+            # The I/O queues' values come from the shadow page when there is
+            # one (indexes up to 2*top+1, read at once); the admin queue's
+            # from the registers.
+            io = db
+            if shadow is not None:
+                top = max(max(cqs, default=0), max(sqs, default=0))
+                if top:
+                    io = shadow.read_span(self.dma, 0, 2 * top + 2)
+            for qid, cq in cqs.items():
+                index = 2 * qid + 1
+                head = io[index] if qid else db[index]
                 if head == cq.head:
                     continue
                 # The head may only move forward over posted entries: past
@@ -468,12 +483,12 @@ class NvmeController:
                 if head >= cq.size or not _ahead(cq.head, head, cq.tail, cq.size):
                     if cq.bad_head != head:
                         cq.bad_head = head
-                        self._invalid_doorbell_value("CQ", cq.qid, head)
+                        self._invalid_doorbell_value("CQ", qid, head)
                     continue
                 cq.head = head
-            for sq in self.sqs.values():
-                index = 2 * sq.qid
-                tail = shadow.read(self.dma, index) if shadow and sq.qid else db[index]
+            for qid, sq in sqs.items():
+                index = 2 * qid
+                tail = io[index] if qid else db[index]
                 if tail == sq.tail:
                     continue
                 # The tail may only move forward into free slots: back
@@ -482,7 +497,7 @@ class NvmeController:
                 if tail >= sq.size or not _ahead(sq.tail, tail, sq.head - 1, sq.size):
                     if sq.bad_tail != tail:
                         sq.bad_tail = tail
-                        self._invalid_doorbell_value("SQ", sq.qid, tail)
+                        self._invalid_doorbell_value("SQ", qid, tail)
                     continue
                 sq.tail = tail
         except NvmeError as exc:
@@ -496,19 +511,20 @@ class NvmeController:
             )
             self.csts |= CSTS_CFS
 
-    def _publish_event_indexes(self) -> None:
-        """Tell the host (shadow doorbells) which doorbell moves need an MMIO write."""
+    def _publish_event_indexes(self) -> bool:
+        """Tell the host (shadow doorbells) which doorbell moves need an MMIO write.
+
+        Returns whether an EventIdx changed.
+        """
         shadow = self.shadow
         if shadow is None:
-            return
+            return False
+        level = self.level_irq()
+        wanted = [shadow.sq_event(sq) for qid, sq in self.sqs.items() if qid]
+        wanted += [shadow.cq_event(cq, level) for qid, cq in self.cqs.items() if qid]
+        wanted.sort()
         try:
-            for sq in self.sqs.values():
-                if sq.qid:
-                    shadow.publish_sq(self.dma, sq)
-            level = self.level_irq()
-            for cq in self.cqs.values():
-                if cq.qid:
-                    shadow.publish_cq(self.dma, cq, level_irq=level)
+            return shadow.publish_all(self.dma, wanted)
         except NvmeError as exc:
             self.limited_log.log(
                 logging.ERROR,
@@ -519,6 +535,7 @@ class NvmeController:
                 exc,
             )
             self.csts |= CSTS_CFS
+            return False
 
     def _invalid_doorbell_value(self, kind: str, qid: int, value: int) -> None:
         self.limited_log.log(
@@ -541,40 +558,61 @@ class NvmeController:
         The admin queue goes first, then the I/O queues round-robin, each
         taking up to the arbitration burst (2**AB commands) per turn.  A
         queue whose CQ is full waits for the host to move the CQ head.
+
+        This is the hot path of every doorbell: the checks of
+        :meth:`_runnable` are spelled out inline in the I/O loop.
         """
-        if not self.ready or self.csts & CSTS_CFS:
-            # Fatal status: nothing runs until the host resets the controller.
-            return False
-        if not self.may_dma():
+        if self.csts & _RDY_CFS != CSTS_RDY or not self.may_dma():
+            # Not enabled, or fatal status: nothing runs until the host resets the controller.
             return False
         if self._polled:
             self._find_rings_of_missing_queues()
         self._read_doorbells()
-        for cq in self.cqs.values():
+        cqs = self.cqs
+        for cq in cqs.values():
             if cq.overflow:
                 self._guarded(cq, cq.flush_overflow)
-        self._deliver_events()
+        events = self.events
+        if events.queued:
+            self._deliver_events()
         done = 0
         admin_sq = self.sqs.get(0)
-        while admin_sq is not None and done < budget and self._runnable(admin_sq):
-            self._execute_one(admin_sq)
-            done += 1
-            admin_sq = self.sqs.get(0)
-        # An AER just fetched, or a log page read that unmasked an event type,
-        # may pair with an event already queued: deliver it now, not on some
-        # later doorbell.
-        self._deliver_events()
+        if admin_sq is not None and admin_sq.head != admin_sq.tail:
+            while admin_sq is not None and done < budget and self._runnable(admin_sq):
+                self._execute_one(admin_sq)
+                done += 1
+                admin_sq = self.sqs.get(0)
+            cqs = self.cqs  # admin commands create and delete queues
+            # An AER just fetched, or a log page read that unmasked an event
+            # type, may pair with an event already queued: deliver it now,
+            # not on some later doorbell.
+            if events.queued:
+                self._deliver_events()
+        io_sqs = [sq for qid, sq in self.sqs.items() if qid]
+        if len(io_sqs) > 1:
+            io_sqs.sort(key=_qid)
+            # Rotate so the queue after the last one served goes first.
+            start = next((i for i, sq in enumerate(io_sqs) if sq.qid >= self._rr_next), 0)
+            io_sqs = io_sqs[start:] + io_sqs[:start]
         burst = 1 << (self.features.arbitration & 0x7)
-        io_sqs = [sq for qid, sq in sorted(self.sqs.items()) if qid]
-        # Rotate so the queue after the last one served goes first.
-        start = next((i for i, sq in enumerate(io_sqs) if sq.qid >= self._rr_next), 0)
-        io_sqs = io_sqs[start:] + io_sqs[:start]
         progress = True
         while progress and done < budget:
             progress = False
             for sq in io_sqs:
+                target = cqs.get(sq.cqid)
+                if target is None:
+                    continue
                 taken = 0
-                while taken < burst and done < budget and self._runnable(sq):
+                # Runnable: entries pending, CQ not full and nothing held
+                # back in its overflow, controller still healthy.
+                while (
+                    sq.head != sq.tail
+                    and taken < burst
+                    and done < budget
+                    and (target.tail + 1) % target.size != target.head
+                    and not target.overflow
+                    and self.csts & _RDY_CFS == CSTS_RDY
+                ):
                     self._execute_one(sq)
                     taken += 1
                     done += 1
@@ -582,15 +620,22 @@ class NvmeController:
                     progress = True
                     self._rr_next = sq.qid + 1
         self._signal_completions()
-        if any(self._runnable(sq) for sq in self.sqs.values()):
+        if self._any_runnable():
             return True
-        if self.shadow is not None:
-            # Idle: ask for an MMIO ring on the next submission, then look
-            # again - the host may have written a shadow doorbell meanwhile.
-            self._publish_event_indexes()
-            fence()
-            self._read_doorbells()
-        return any(self._runnable(sq) for sq in self.sqs.values())
+        if self.shadow is None:
+            return False
+        # Idle: ask for an MMIO ring on the next submission, then look
+        # again - the host may have written a shadow doorbell meanwhile.
+        # Unless no EventIdx moved: the host has decided against these same
+        # values since the last look, and rings if it must.
+        if not self._publish_event_indexes():
+            return False
+        fence()
+        self._read_doorbells()
+        return self._any_runnable()
+
+    def _any_runnable(self) -> bool:
+        return any(sq.head != sq.tail and self._runnable(sq) for sq in self.sqs.values())
 
     def _runnable(self, sq: SubmissionQueue) -> bool:
         cq = self.cqs.get(sq.cqid)
@@ -599,7 +644,7 @@ class NvmeController:
             and cq is not None
             and not cq.full
             and not cq.overflow
-            and self.csts & (CSTS_RDY | CSTS_CFS) == CSTS_RDY
+            and self.csts & _RDY_CFS == CSTS_RDY
         )
 
     def _execute_one(self, sq: SubmissionQueue) -> None:
@@ -621,11 +666,11 @@ class NvmeController:
             return
         status, dw0 = 0, 0
         try:
-            if cmd.fuse:
-                raise NvmeError(
-                    StatusType.GENERIC, Generic.INVALID_FIELD, "fused operations unsupported"
-                )
-            if cmd.psdt:
+            if cmd.flags & _FUSE_PSDT:
+                if cmd.fuse:
+                    raise NvmeError(
+                        StatusType.GENERIC, Generic.INVALID_FIELD, "fused operations unsupported"
+                    )
                 raise NvmeError(StatusType.GENERIC, Generic.INVALID_FIELD, "SGLs unsupported")
             result = admin.execute(self, cmd) if sq.qid == 0 else nvm.execute(self, sq.qid, cmd)
             if result is HELD:
@@ -665,26 +710,32 @@ class NvmeController:
         cq = self.cqs.get(sq.cqid)
         if cq is None:
             return
-        if cq.full or cq.overflow:
+        if cq.overflow or cq.full:
             cq.overflow.append((dw0, sq.head, sq.qid, cid, status))
             return
-        self._guarded(cq, lambda dma: cq.post(dma, dw0, sq.head, sq.qid, cid, status))
+        try:
+            cq.post(self.dma, dw0, sq.head, sq.qid, cid, status)
+        except NvmeError as exc:
+            self._cq_unwritable(cq, exc)
 
     def _guarded(self, cq: CompletionQueue, post: Callable[[DmaSpace], None]) -> None:
         try:
             post(self.dma)
         except NvmeError as exc:
-            # The CQ itself is outside guest memory: nothing sensible remains.
-            self.limited_log.log(
-                logging.ERROR,
-                self.name,
-                "queue DMA",
-                "%s: cannot post to CQ %d: %s",
-                self.name,
-                cq.qid,
-                exc,
-            )
-            self.csts |= CSTS_CFS
+            self._cq_unwritable(cq, exc)
+
+    def _cq_unwritable(self, cq: CompletionQueue, exc: NvmeError) -> None:
+        # The CQ itself is outside guest memory: nothing sensible remains.
+        self.limited_log.log(
+            logging.ERROR,
+            self.name,
+            "queue DMA",
+            "%s: cannot post to CQ %d: %s",
+            self.name,
+            cq.qid,
+            exc,
+        )
+        self.csts |= CSTS_CFS
 
     def _signal_completions(self) -> None:
         for cq in self.cqs.values():

@@ -70,8 +70,8 @@ class InterruptLogic:
 
     def completions_posted(self, vector: int, count: int, *, coalescible: bool) -> None:
         """``count`` entries landed in a CQ using ``vector`` (admin CQ: not coalescible)."""
-        if not coalescible or vector in self.coalescing_disabled:
-            self._fire(vector)
+        if not coalescible or not self.time_100us or vector in self.coalescing_disabled:
+            self._fire(vector)  # TIME 0: no delay, whatever the threshold
             return
         pending = self._pending.get(vector)
         if pending is None:

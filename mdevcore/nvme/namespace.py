@@ -45,17 +45,25 @@ def _full_io(
     offset: int,
 ) -> None:
     """Repeat a vectored read/write until every byte moved (short I/O is legal)."""
+    done = op(fd, views, offset)
+    total = sum(map(len, views))
+    if done == total:
+        return  # the common case: one call moved it all
+    if done <= 0:
+        raise OSError(errno.EIO, "unexpected end of backing file")
     pending = [v for v in views if len(v)]
     while pending:
-        done = op(fd, pending, offset)
-        if done <= 0:
-            raise OSError(errno.EIO, "unexpected end of backing file")
         offset += done
         while pending and done >= len(pending[0]):
             done -= len(pending[0])
             pending.pop(0)
         if pending and done:
             pending[0] = pending[0][done:]
+        if not pending:
+            return
+        done = op(fd, pending, offset)
+        if done <= 0:
+            raise OSError(errno.EIO, "unexpected end of backing file")
 
 
 class FileNamespace:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from mdevcore.nvme.context import IoContext
 from mdevcore.nvme.namespace import FileNamespace
-from mdevcore.nvme.prp import map_segments, prp_segments, read_guest, release
+from mdevcore.nvme.prp import data_views, read_guest, release
 from mdevcore.nvme.queues import Command
 from mdevcore.nvme.spec import (
     BROADCAST_NSID,
@@ -68,9 +68,7 @@ def _read_write(ctrl: IoContext, cmd: Command, write: bool) -> int:
     if length > ctrl.config.max_transfer:
         raise generic(Generic.INVALID_FIELD, f"{length} bytes exceed MDTS")
     # Read fills guest memory, Write takes from it.
-    views = map_segments(
-        ctrl.dma, prp_segments(ctrl.dma, cmd.prp1, cmd.prp2, length, ctrl.page_size), not write
-    )
+    views = data_views(ctrl.dma, cmd.prp1, cmd.prp2, length, ctrl.page_size, not write)
     try:
         if write:
             ns.write(slba, views)

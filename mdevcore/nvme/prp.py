@@ -115,6 +115,19 @@ def map_segments(dma: DmaSpace, segments: list[tuple[int, int]], write: bool) ->
     return views
 
 
+def data_views(
+    dma: DmaSpace, prp1: int, prp2: int, length: int, page_size: int, write: bool
+) -> list[memoryview]:
+    """``map_segments(prp_segments(...))``, with the commonest case first.
+
+    A transfer inside PRP1's page (every 4 KiB I/O of a page-aligned
+    buffer) is one translation; anything else takes the general walk.
+    """
+    if 0 < length <= page_size - (prp1 & (page_size - 1)) and not prp1 & 0x3:
+        return [translate(dma, prp1, length, write)]
+    return map_segments(dma, prp_segments(dma, prp1, prp2, length, page_size), write)
+
+
 def release(views: list[memoryview]) -> None:
     for view in views:
         view.release()

@@ -53,6 +53,9 @@ class Command(NamedTuple):
         return _SQE.pack(*self)
 
 
+_make_command = Command._make
+
+
 def make_command(opcode: int, cid: int = 0, nsid: int = 0, **fields: int) -> Command:
     """Build a command with every unnamed field zero (hosts in tests use this)."""
     values = dict.fromkeys(Command._fields, 0)
@@ -111,7 +114,7 @@ class SubmissionQueue:
         """Read the entry at head and consume it (the caller checked ``pending``)."""
         view = translate(dma, self.base + self.head * SQ_ENTRY_SIZE, SQ_ENTRY_SIZE, False)
         try:
-            cmd = Command.decode(view)
+            cmd = _make_command(_SQE.unpack(view))
         finally:
             view.release()
         self.head = (self.head + 1) % self.size
@@ -184,7 +187,9 @@ class CompletionQueue:
         addr = self.base + self.tail * CQ_ENTRY_SIZE
         view = translate(dma, addr, CQ_ENTRY_SIZE, True)
         try:
-            view[:12] = _CQE_HEAD.pack(dw0, 0, sqhd, sqid)
+            _CQE_HEAD.pack_into(view, 0, dw0, 0, sqhd, sqid)
+            # One 4-byte copy (a single store): pack_into would zero the
+            # dword first, and the phase bit is what the host polls.
             view[12:16] = _CQE_TAIL.pack(cid, (status << 1 | self.phase) & 0xFFFF)
         finally:
             view.release()

@@ -32,7 +32,6 @@ from mdevcore.nvme.prp import DmaSpace, translate
 from mdevcore.nvme.queues import CompletionQueue, SubmissionQueue
 
 PAGE = 4096
-_U32 = struct.Struct("<I")
 # Acquiring a lock is a full memory barrier: the EventIdx store must be
 # visible before the shadow doorbell is read again (x86 may reorder a store
 # with a later load from another address).
@@ -48,6 +47,11 @@ class ShadowDoorbells:
     def __init__(self, doorbells: int, eventidx: int) -> None:
         self.doorbells = doorbells  # guest address of the shadow doorbell page
         self.eventidx = eventidx  # guest address of the EventIdx page
+        # What we last stored at each EventIdx index.  Only we write that
+        # page (the host reads it), so a value equal to it is not stored
+        # again: an idle controller leaves no dirty page for migration to
+        # resend, and a busy one translates the page once per publish.
+        self._published: dict[int, int] = {}
 
     def snapshot(self) -> list[int]:
         return [self.doorbells, self.eventidx]
@@ -58,36 +62,64 @@ class ShadowDoorbells:
         return cls(int_in(dbs, 1, U64, "shadow"), int_in(eventidx, 1, U64, "eventidx"))
 
     def read(self, dma: DmaSpace, index: int) -> int:
-        view = translate(dma, self.doorbells + 4 * index, 4, False)
+        return self.read_span(dma, index, 1)[0]
+
+    def read_span(self, dma: DmaSpace, first: int, count: int) -> tuple[int, ...]:
+        """The shadow values of doorbell indexes first..first+count-1: one translation."""
+        view = translate(dma, self.doorbells + 4 * first, 4 * count, False)
         try:
-            return int(_U32.unpack(view)[0])
+            return struct.unpack_from(f"<{count}I", view)
         finally:
             view.release()
 
     def publish(self, dma: DmaSpace, index: int, value: int) -> None:
-        addr = self.eventidx + 4 * index
-        new = _U32.pack(value & 0xFFFFFFFF)
-        # Only the host reads this page: an unchanged value is not written,
-        # so an idle controller leaves no dirty page for migration to resend.
-        view = translate(dma, addr, 4, False)
+        self.publish_all(dma, [(index, value)])
+
+    def publish_all(self, dma: DmaSpace, wanted: list[tuple[int, int]]) -> bool:
+        """Set each EventIdx ``index`` to ``value``; ``wanted`` is sorted by index.
+
+        Values stored before are not stored again (see ``_published``); the
+        rest go in one writable translation (which logs the page dirty),
+        each value one 32-bit store, so the host never reads a half-written
+        index.  Returns whether anything was stored.
+        """
+        published = self._published
+        changed = [(i, v & 0xFFFFFFFF) for i, v in wanted if published.get(i) != v & 0xFFFFFFFF]
+        if not changed:
+            return False
+        first = changed[0][0]
+        view = translate(dma, self.eventidx + 4 * first, 4 * (changed[-1][0] - first + 1), True)
         try:
-            if bytes(view) == new:
-                return
+            words = view.cast("I")
+            try:
+                for index, value in changed:
+                    words[index - first] = value
+                    published[index] = value
+            finally:
+                words.release()
         finally:
             view.release()
-        view = translate(dma, addr, 4, True)
-        try:
-            view[:] = new
-        finally:
-            view.release()
+        return True
+
+    @staticmethod
+    def sq_event(sq: SubmissionQueue) -> tuple[int, int]:
+        """(index, EventIdx) for an SQ: the next submission rings."""
+        return 2 * sq.qid, sq.tail
+
+    @staticmethod
+    def cq_event(cq: CompletionQueue, level_irq: bool) -> tuple[int, int]:
+        """(index, EventIdx) for a CQ.
+
+        Ring me on the next head move only when I am waiting for room - or
+        always with pin-based interrupts: the host's head update is what
+        lets the interrupt line be re-evaluated (and what makes a VMM
+        unmask a fired INTx).
+        """
+        value = cq.head if cq.full or level_irq else (cq.head - 1) & 0xFFFF
+        return 2 * cq.qid + 1, value
 
     def publish_sq(self, dma: DmaSpace, sq: SubmissionQueue) -> None:
-        self.publish(dma, 2 * sq.qid, sq.tail)
+        self.publish_all(dma, [self.sq_event(sq)])
 
     def publish_cq(self, dma: DmaSpace, cq: CompletionQueue, *, level_irq: bool = False) -> None:
-        # Ring me on the next head move only when I am waiting for room - or
-        # always with pin-based interrupts: the host's head update is what
-        # lets the interrupt line be re-evaluated (and what makes a VMM
-        # unmask a fired INTx).
-        value = cq.head if cq.full or level_irq else (cq.head - 1) & 0xFFFF
-        self.publish(dma, 2 * cq.qid + 1, value)
+        self.publish_all(dma, [self.cq_event(cq, level_irq)])

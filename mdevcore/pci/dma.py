@@ -255,6 +255,10 @@ class DmaTable:
         self._starts: list[int] = []
         self._regions: list[DmaRegion] = []
         self.dirty: DirtyLog | None = None
+        # The mapping the last lookup found: a device's accesses cluster in
+        # guest RAM (one big mapping), so most skip the bisect.  Forgotten
+        # by every unmap.
+        self._last: DmaRegion | None = None
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -307,11 +311,13 @@ class DmaTable:
             raise OSError(errno.ENOENT, f"DMA {iova:#x}+{size:#x} matches no mapping exactly")
         del self._starts[pos]
         del self._regions[pos]
+        self._last = None
         region.release(self.owner)
         log.debug("[%s] DMA unmap %#x+%#x", self.owner, iova, size)
 
     def clear(self) -> None:
         regions, self._regions, self._starts = self._regions, [], []
+        self._last = None
         for region in regions:
             region.release(self.owner)
 
@@ -338,7 +344,16 @@ class DmaTable:
         Message-based mappings (no fd) cannot be translated (EFAULT); use
         PciDevice.dma_read/dma_write, which fall back to DMA messages.
         """
-        region = self.find(iova, length, write)
+        region = self._last
+        need = vfio.DMA_MAP_FLAG_WRITE if write else vfio.DMA_MAP_FLAG_READ
+        if not (
+            region is not None
+            and length > 0
+            and region.iova <= iova
+            and iova + length <= region.iova + region.size
+            and region.flags & need
+        ):
+            region = self._last = self.find(iova, length, write)
         if region.memory is None:
             raise OSError(errno.EFAULT, f"DMA {iova:#x} is mapped without an fd")
         if write:
