@@ -23,9 +23,9 @@ from mdevcore.samples.mtty.device import MttyDriver
 from mdevcore.sysfs.mdev_view import create_store, remove_store
 from mdevcore.tools.fuzz.targets import kernel_model as km
 from mdevcore.tools.fuzz.targets.migration import BusyVf, snapshot
-from mdevcore.tools.fuzz.targets.virtio import AVAIL, DATA, DESC, USED, Guest
+from mdevcore.tools.fuzz.targets.virtio import AVAIL, DATA, DESC, USED, Guest, VirtioTarget
 from mdevcore.virtio import spec
-from mdevcore.virtio.chain import Chain, VirtqError
+from mdevcore.virtio.chain import Chain, VirtqError, scatter
 from mdevcore.virtio.virtqueue import SplitQueue
 
 U1 = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
@@ -169,3 +169,24 @@ def test_indirect_with_next_is_still_refused(guest: Guest) -> None:
     flags = spec.DESC_F_INDIRECT | spec.DESC_F_NEXT
     with pytest.raises(VirtqError):
         pop_one(guest, [(DATA, len(TABLE), flags, 1), (DATA, 8, 0, 0)], TABLE)
+
+
+def test_a_driver_idx_scattered_over_is_seen_on_the_next_pop(guest: Guest) -> None:
+    """Found by `virtio` (the target's reference, not the device): a chain's
+    writable buffer lay on the avail ring, scattering into it moved the
+    driver's idx, and the device - reading idx afresh, as it must - refused
+    the next pop while the reference still used the idx it read first.
+    The input is kept as edge-avail-idx-scattered-over."""
+    guest.write(DESC, spec.DESC.pack(AVAIL, 4, spec.DESC_F_WRITE, 0))
+    guest.write(AVAIL, struct.pack("<HHH", 0, 1, 0))
+    q = SplitQueue(guest, 0, 8)  # type: ignore[arg-type]
+    q.size, q.desc, q.driver, q.device = 8, DESC, AVAIL, USED
+    q.enable(0)
+    chain = q.pop()
+    assert chain is not None and chain.writable == [(AVAIL, 4)]
+    scatter(guest, chain, struct.pack("<HH", 0, 0x7FFF))  # avail idx := 0x7fff
+    q.push([(chain.head, 4)])
+    with pytest.raises(VirtqError, match="ahead"):
+        q.pop()
+    data = (fuzz.CORPUS / "virtio" / "edge-avail-idx-scattered-over").read_bytes()
+    VirtioTarget().run(data)  # the reference agrees now: no Finding

@@ -211,9 +211,12 @@ class VirtioTarget:
         q = SplitQueue(g, 0, MAX_QUEUE)  # type: ignore[arg-type]
         q.size, q.desc, q.driver, q.device = size, DESC, AVAIL, USED
         q.enable(features)
-        avail_idx = struct.unpack_from("<H", g.memory(), AVAIL - BASE + 2)[0]
         for n in range(size + 1):
             mem = g.memory()
+            # Read afresh each time, as the device does: a chain's writable
+            # buffer may lie on the avail ring, and scattering into it
+            # moves the driver's idx.
+            avail_idx = struct.unpack_from("<H", mem, AVAIL - BASE + 2)[0]
             expect: Segments | Refused | None
             if n == size or (avail_idx - q.last_avail_idx) & 0xFFFF == 0:
                 expect = None
