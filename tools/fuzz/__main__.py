@@ -36,6 +36,8 @@ def run(
     nice: int,
     max_len: int,
     seed: int = 0,
+    *,
+    timeout: int = 30,
 ) -> dict[str, Any]:
     corpus = work / "corpus"
     findings = work / "findings"
@@ -53,7 +55,7 @@ def run(
         f"-max_total_time={seconds}",
         f"-max_len={max_len}",
         "-print_final_stats=1",
-        "-timeout=30",
+        f"-timeout={timeout}",
         "-rss_limit_mb=2048",
         f"-artifact_prefix={work}/",
     ]
@@ -130,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0, help="libFuzzer's -seed (0: random)")
     parser.add_argument(
+        "--timeout",
+        type=int,
+        default=30,
+        metavar="S",
+        help="wall seconds one input may take before it counts as a hang (libFuzzer's "
+        "-timeout); raise it when the run may be stopped (SIGSTOP) and resumed",
+    )
+    parser.add_argument(
         "--keep",
         type=int,
         default=0,
@@ -139,7 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.gettempdir()) / "mdevcore-fuzz" / args.target
     started = time.monotonic()
-    s = run(args.target, args.seconds, args.runs, work, args.nice, args.max_len, args.seed)
+    s = run(
+        args.target,
+        args.seconds,
+        args.runs,
+        work,
+        args.nice,
+        args.max_len,
+        args.seed,
+        timeout=args.timeout,
+    )
     print(
         f"{args.target}: {s['execs']} executions in {time.monotonic() - started:.0f}s "
         f"({s['cpu']:.0f} CPU seconds), "
