@@ -173,6 +173,15 @@ class PciDevice(PciBackend):
     # Whether the hooks may run on a connection thread (see the module doc):
     # None = yes unless the class has its own background().
     thread_safe_hooks: ClassVar[bool | None] = None
+    # Microseconds a connection thread keeps polling for the client's next
+    # request after serving one, while the client is in a burst (requests
+    # closer together than this), instead of sleeping in recvmsg.  For
+    # devices a guest waits on request by request (a doorbell per command
+    # at queue depth 1): on a VM whose idle CPUs halt, waking a sleeping
+    # thread costs more than the device's own work.  Costs up to a core
+    # while the guest keeps the device busy; 0 = block at once.  A server
+    # given spin_us explicitly uses that instead.
+    request_spin_us: ClassVar[float] = 0.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

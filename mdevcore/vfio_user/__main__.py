@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spin-us",
         type=float,
-        default=DEFAULT_SPIN_US,
-        help="poll this long for the next request before sleeping (0 = never)",
+        default=None,
+        help="poll this long for the next request before sleeping (0 = never; "
+        "default: the device's request_spin_us on a connection thread, else "
+        f"{DEFAULT_SPIN_US:g})",
     )
     parser.add_argument(
         "--io",

@@ -85,19 +85,20 @@ class DeviceServer:
         path: str | os.PathLike[str],
         *,
         name: str,
-        spin_us: float = DEFAULT_SPIN_US,
+        spin_us: float | None = None,
         io: str = DEFAULT_IO,
         profile: bool = False,
     ) -> None:
         """``spin_us``: how long to poll for the next request before parking
-        (0 = never spin; see ``TrioClient._spin_recv``).  ``io``: "thread"
+        (0 = never spin; see ``TrioClient._spin_recv``); None: the device's
+        ``request_spin_us`` on a connection thread (a trio task never spins
+        unless told: it would hold up the whole run).  ``io``: "thread"
         serves each connection on its own thread when the backend allows
         it (``mdevcore.vfio_user.threaded``), "trio" always as a trio task.
         ``profile``: time every request (``mdevcore.vfio_user.profile``)
         and print the table to stderr when a client leaves."""
         if io not in IO_MODES:
             raise ValueError(f"io must be one of {', '.join(IO_MODES)}, not {io!r}")
-        self.spin_ns = int(spin_us * 1000)
         self.backend = backend
         self.path = os.fspath(path)
         self.name = name
@@ -105,6 +106,10 @@ class DeviceServer:
         # Not None: connections run on threads, and this guards the device.
         self._lock: DeviceLock | None = device_lock(backend) if io == IO_THREAD else None
         self.io = IO_THREAD if self._lock is not None else IO_TRIO
+        if spin_us is None:
+            hint = float(getattr(backend, "request_spin_us", DEFAULT_SPIN_US))
+            spin_us = hint if self.io == IO_THREAD else DEFAULT_SPIN_US
+        self.spin_ns = int(spin_us * 1000)
         self._client: TrioClient | ThreadedClient | None = None
         self._client_scope: trio.CancelScope | None = None
         self.stats = DeviceStats(name)
@@ -266,7 +271,7 @@ async def serve_forever(
     path: str | os.PathLike[str],
     *,
     name: str = "vfio-user",
-    spin_us: float = DEFAULT_SPIN_US,
+    spin_us: float | None = None,
     io: str = DEFAULT_IO,
     profile: bool = False,
 ) -> None:

@@ -94,7 +94,7 @@ class ThreadedClient:
         self._turn = turn_messages
         self._poller: select.poll | None = None
         self._stopped = False  # stop() was called: an end of file is ours
-        self._sent_at = 0  # when the last reply went (spinning only)
+        self._sent_at = 0  # when the last requests were done with (spinning only)
         self._burst = False  # the last request came within spin_ns of it
         self.gone = False
         self.parks = 0
@@ -207,8 +207,10 @@ class ThreadedClient:
                     self._token.run_sync_soon(self._complete, results)
                 if out:
                     self._send(out)
-                    if self.spin_ns:
-                        self._sent_at = time.perf_counter_ns()
+                if self.spin_ns:
+                    # Done with these requests, answered or posted: a
+                    # bursting client's next one comes within spin_ns.
+                    self._sent_at = time.perf_counter_ns()
                 if conn.closed:
                     return
                 if conn.handled - before < turn:
