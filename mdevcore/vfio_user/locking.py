@@ -23,6 +23,7 @@ the trio thread.  One rule keeps a device whole:
 
 from __future__ import annotations
 
+import contextvars
 import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol, TypeVar
@@ -56,6 +57,23 @@ def device_lock(backend: DeviceBackend) -> DeviceLock | None:
     return lock
 
 
+# True in a task that run_locked runs (and in the tasks it starts): the
+# device's connections are on threads and this task holds the lock.
+_LOCKED_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mdevcore_locked_run", default=False
+)
+
+
+def in_locked_run() -> bool:
+    """Whether the calling trio task runs under :func:`run_locked`.
+
+    A device's ``background`` asks this to learn that its connections are
+    served on threads (so the device lock guards every access and a thread
+    of its own may take it too), without peeking into the lock.
+    """
+    return _LOCKED_RUN.get()
+
+
 @types.coroutine
 def _forward(trap: Any) -> Generator[Any, Any, Any]:
     return (yield trap)
@@ -70,6 +88,7 @@ async def run_locked(fn: Callable[[], Awaitable[T]], lock: DeviceLock) -> T:
     ``fn`` starts in a nursery of its own are not covered: they take the
     lock themselves.
     """
+    _LOCKED_RUN.set(True)  # this task's context only (trio gives each task a copy)
     coro = fn().__await__()
     value: Any = None
     error: BaseException | None = None

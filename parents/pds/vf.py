@@ -50,6 +50,7 @@ from mdevcore.pci import caps
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.pci.migration import MIGRATION_P2P, MIGRATION_STOP_COPY, MigState
 from mdevcore.pci.msix import MsixTable
+from mdevcore.vfio_user.locking import in_locked_run
 
 log = logging.getLogger(__name__)
 
@@ -326,18 +327,9 @@ class PdsNvmeVf(PciDevice):
         """Whether the controller may run commands (DMA) in this migration state."""
         return self.mig_state in _EXECUTING
 
-    def _lock_held(self) -> bool:
-        """Whether this task runs with ``device_lock`` held: served on a connection thread.
-
-        The server then runs ``background`` under the lock (run_locked) and
-        holds it for every hook; served by trio alone, it does neither.
-        """
-        is_owned = getattr(self.device_lock, "_is_owned", None)
-        return bool(is_owned is not None and is_owned())
-
     async def background(self) -> None:
         """Execute commands as doorbells move, and fire timed interrupts."""
-        if self.mode is DoorbellMode.MMAP and self._lock_held():
+        if self.mode is DoorbellMode.MMAP and in_locked_run():
             await self._poll_in_thread()
             return
         await self._process_in_trio()

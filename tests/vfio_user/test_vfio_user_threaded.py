@@ -22,7 +22,7 @@ import trio
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.constants import Command
-from mdevcore.vfio_user.locking import run_locked
+from mdevcore.vfio_user.locking import in_locked_run, run_locked
 from mdevcore.vfio_user.server import DeviceServer
 from mdevcore.vfio_user.threaded import ThreadedClient
 from mdevcore.vfio_user.wire import HEADER, REGION_ACCESS
@@ -155,6 +155,26 @@ async def test_background_holds_the_lock_except_while_it_awaits() -> None:
         go.set()
     assert seen == [True, True] and result == ["done"]
     assert not lock._is_owned()  # type: ignore[attr-defined]
+
+
+async def test_a_task_knows_it_runs_locked_and_its_siblings_do_not() -> None:
+    """What a device's background asks to learn its connections are on threads."""
+    lock = threading.RLock()
+    seen: dict[str, bool] = {}
+
+    async def background() -> None:
+        await trio.sleep(0)
+        seen["locked"] = in_locked_run()
+
+    async def sibling() -> None:
+        await trio.sleep(0)
+        seen["sibling"] = in_locked_run()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_locked, background, lock)
+        nursery.start_soon(sibling)
+    assert seen == {"locked": True, "sibling": False}
+    assert not in_locked_run()
 
 
 async def test_cancelling_run_locked_cancels_the_coroutine() -> None:
