@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -330,6 +331,39 @@ async def test_spinning_thread_catches_a_bursting_client(sockdir: str) -> None:
                 client = server._client
                 assert isinstance(client, ThreadedClient)
                 # Each request follows our reply within microseconds: polled, not waited for.
+                assert client.spin_hits > 50
+
+        await in_thread(go)
+
+
+class Spinner(Recorder):
+    request_spin_us = 1500.0
+
+
+def test_a_device_sets_how_long_its_connection_thread_spins(sockdir: str) -> None:
+    path = os.path.join(sockdir, "d.sock")
+    assert DeviceServer(Spinner(), path, name="s", io="thread").spin_ns == 1_500_000
+    # A trio task never spins on a device's word: it would hold up the whole run.
+    assert DeviceServer(Spinner(), path, name="s", io="trio").spin_ns == 0
+    assert DeviceServer(Spinner(), path, name="s", spin_us=0).spin_ns == 0  # the caller's word wins
+    assert DeviceServer(Recorder(), path, name="s").spin_ns == 0
+
+
+async def test_posted_writes_keep_a_client_in_its_burst(sockdir: str) -> None:
+    """A doorbell has no reply: the burst is timed from when a request was done with."""
+    dev = Spinner()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path) as server:
+
+        def go() -> None:
+            with connect(path) as c:
+                time.sleep(0.02)  # idle well past the spin: the last reply is long ago
+                for i in range(100):
+                    c.region_write(0, 4 * (i % 8), i.to_bytes(4, "little"), no_reply=True)
+                    time.sleep(300e-6)  # one at a time, each well within the spin
+                assert c.region_read(0, 0, 4) == (96).to_bytes(4, "little")  # all were served
+                client = server._client
+                assert isinstance(client, ThreadedClient)
                 assert client.spin_hits > 50
 
         await in_thread(go)
