@@ -44,13 +44,13 @@ from mdevcore.vfio_user.server import DeviceServer
 DEPTHS = (1, 32)
 
 
-def guest_script(seconds: int, size_mib: int) -> str:
+def guest_script(seconds: int, size_mib: int, depths: tuple[int, ...] = DEPTHS) -> str:
     jobs = "\n".join(
         f"fio --name=qd{qd} --filename=/dev/nvme0n1 --rw=randread --bs=4k --direct=1 "
         f"--ioengine=libaio --iodepth={qd} --size={size_mib}M --runtime={seconds} "
         f"--time_based --ramp_time=1 --output-format=json > /tmp/qd{qd}.json 2>/tmp/qd{qd}.err"
         f' && echo "RESULT qd{qd} $(tr -d "\\n" < /tmp/qd{qd}.json)" || cat /tmp/qd{qd}.err'
-        for qd in DEPTHS
+        for qd in depths
     )
     return f"""
 modprobe nvme
@@ -172,7 +172,8 @@ def run_variant(
 
 
 def median_figures(runs: list[dict[int, Figures]]) -> dict[int, Figures]:
-    """Per depth, the round with the median IOPS (its percentiles with it)."""
+    """Per depth, the round with the median IOPS (the lower one of an even count),
+    its percentiles with it."""
     out = {}
     for qd in DEPTHS:
         have = sorted((r[qd] for r in runs if qd in r), key=lambda f: f.iops)

@@ -21,15 +21,22 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
 from mdevcore.parents.pds.vf import DoorbellMode, PdsNvmeVf, VfConfig
 from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nvme_guest import NONE, fill, guest_script, parse  # noqa: E402
+
+SIZE_MIB = 256
 
 SQ1_TAIL = 0x1008  # BAR0 offset of I/O SQ 1's tail doorbell
 clock = time.perf_counter
@@ -63,17 +70,6 @@ class ProbedVf(PdsNvmeVf):
             self.doorbells.append((t0, clock(), self._irq_at))
 
 
-def script(seconds: int) -> str:
-    return f"""
-modprobe nvme
-i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-fio --name=qd1 --filename=/dev/nvme0n1 --rw=randread --bs=4k --direct=1 --ioengine=libaio \
-    --iodepth=1 --size=256M --runtime={seconds} --time_based --ramp_time=1 \
-    --output-format=json > /tmp/qd1.json 2>/tmp/qd1.err \
-  && echo "RESULT $(tr -d '\\n' < /tmp/qd1.json)" || cat /tmp/qd1.err
-"""
-
-
 def spread(name: str, values_s: list[float]) -> str:
     if not values_s:
         return f"  {name}: none"
@@ -87,32 +83,25 @@ async def probe(mode: DoorbellMode, seconds: int, spin_us: float | None) -> None
     workdir = tempfile.mkdtemp(prefix="nvme-probe-")
     try:
         backing = os.path.join(workdir, "backing.img")
-        with open(backing, "wb") as f:
-            chunk = os.urandom(1 << 20)
-            for _ in range(256):
-                f.write(chunk)
-        vf = ProbedVf(VfConfig(backing=backing, size=256 << 20, doorbells=mode, io_queues=4))
+        fill(backing, SIZE_MIB)
+        vf = ProbedVf(VfConfig(backing=backing, size=SIZE_MIB << 20, doorbells=mode, io_queues=4))
         sock = os.path.join(workdir, "vf.sock")
         device = json.dumps({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}})
         try:
             async with trio.open_nursery() as nursery:
                 server = DeviceServer(vf, sock, name="probe", spin_us=spin_us)
                 await nursery.start(server.serve)
+                script = guest_script(seconds, SIZE_MIB, depths=(1,))
                 result = await lab.aboot(
-                    script(seconds), devices=[device], timeout=300, extra_binaries=["fio"]
+                    script, devices=[device], timeout=300, extra_binaries=["fio"]
                 )
                 nursery.cancel_scope.cancel()
         finally:
             vf.close()
-        blob = next((line for line in result.output.splitlines() if line.startswith("RESULT ")), "")
-        if not blob:
+        qd1 = parse(result.output).get(1, NONE)
+        if not qd1.iops:
             raise SystemExit(f"fio printed nothing:\n{result.output}")
-        read = json.loads(blob[blob.index("{") :])["jobs"][0]["read"]
-        pct = read["clat_ns"]["percentile"]
-        print(
-            f"fio QD1 ({mode.value}, spin {server.spin_ns / 1000:g} us): {read['iops']:.0f} IOPS, "
-            f"clat p50 {pct['50.000000'] / 1000:.0f} us, p99 {pct['99.000000'] / 1000:.0f} us"
-        )
+        print(f"fio QD1 ({mode.value}, spin {server.spin_ns / 1000:g} us): {qd1.show()}")
         # The steady state: the last half of what the VF saw.
         dbs = vf.doorbells[len(vf.doorbells) // 2 :]
         print(spread("namespace read", vf.reads[len(vf.reads) // 2 :]))

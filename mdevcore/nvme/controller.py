@@ -461,14 +461,14 @@ class NvmeController:
             )
 
     def _read_doorbells(self) -> None:
-        db: memoryview | tuple[int, ...] = self.doorbells
+        db = self.doorbells
         shadow = self.shadow
         cqs, sqs = self.cqs, self.sqs
         try:
             # The I/O queues' values come from the shadow page when there is
             # one (indexes up to 2*top+1, read at once); the admin queue's
             # from the registers.
-            io = db
+            io: memoryview | tuple[int, ...] = db
             if shadow is not None:
                 top = max(max(cqs, default=0), max(sqs, default=0))
                 if top:

@@ -53,9 +53,6 @@ class Command(NamedTuple):
         return _SQE.pack(*self)
 
 
-_make_command = Command._make
-
-
 def make_command(opcode: int, cid: int = 0, nsid: int = 0, **fields: int) -> Command:
     """Build a command with every unnamed field zero (hosts in tests use this)."""
     values = dict.fromkeys(Command._fields, 0)
@@ -114,7 +111,7 @@ class SubmissionQueue:
         """Read the entry at head and consume it (the caller checked ``pending``)."""
         view = translate(dma, self.base + self.head * SQ_ENTRY_SIZE, SQ_ENTRY_SIZE, False)
         try:
-            cmd = _make_command(_SQE.unpack(view))
+            cmd = Command.decode(view)
         finally:
             view.release()
         self.head = (self.head + 1) % self.size

@@ -61,9 +61,6 @@ class ShadowDoorbells:
         dbs, eventidx = list_of(raw, 2, "shadow")
         return cls(int_in(dbs, 1, U64, "shadow"), int_in(eventidx, 1, U64, "eventidx"))
 
-    def read(self, dma: DmaSpace, index: int) -> int:
-        return self.read_span(dma, index, 1)[0]
-
     def read_span(self, dma: DmaSpace, first: int, count: int) -> tuple[int, ...]:
         """The shadow values of doorbell indexes first..first+count-1: one translation."""
         view = translate(dma, self.doorbells + 4 * first, 4 * count, False)
@@ -71,9 +68,6 @@ class ShadowDoorbells:
             return struct.unpack_from(f"<{count}I", view)
         finally:
             view.release()
-
-    def publish(self, dma: DmaSpace, index: int, value: int) -> None:
-        self.publish_all(dma, [(index, value)])
 
     def publish_all(self, dma: DmaSpace, wanted: list[tuple[int, int]]) -> bool:
         """Set each EventIdx ``index`` to ``value``; ``wanted`` is sorted by index.

@@ -122,9 +122,9 @@ class PdsNvmeVf(PciDevice):
     thread_safe_hooks = True
     # A guest at queue depth 1 rings the next doorbell a few hundred us
     # after the last interrupt (TCG: 500-1000 us); polling for it through
-    # that gap rather than sleeping in recvmsg took fio QD1 from 795 to
-    # 1091 IOPS in one run here (benchmarks/nvme_guest.py, note in
-    # benchmarks/nvme_qd1_note.md).
+    # that gap rather than sleeping in recvmsg shortened the QD1 cycle
+    # here (benchmarks/nvme_guest_probe.py --spin-us 0 against the
+    # default; figures and their noise in benchmarks/nvme_qd1_note.md).
     request_spin_us = 1500.0
 
     def __init__(self, vf: VfConfig, *, name: str = "pds-nvme-vf") -> None:
