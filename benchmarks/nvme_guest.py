@@ -171,6 +171,26 @@ def run_variant(
     )  # fmt: skip
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest
+    # time is counted in user already.
+    return fields[7], sum(fields[:8])
+
+
+def steal_since(before: tuple[int, int]) -> float:
+    """The share of CPU time the hypervisor took from this VM since ``before``.
+
+    Why print it: on a shared host the same boot varies 2x in IOPS, and
+    a run whose vCPUs were stolen says so instead of passing for a slow
+    device.
+    """
+    steal, total = cpu_ticks()
+    return (steal - before[0]) / max(1, total - before[1])
+
+
 def median_figures(runs: list[dict[int, Figures]]) -> dict[int, Figures]:
     """Per depth, the round with the median IOPS (the lower one of an even count),
     its percentiles with it."""
@@ -180,6 +200,22 @@ def median_figures(runs: list[dict[int, Figures]]) -> dict[int, Figures]:
         if have:
             out[qd] = have[(len(have) - 1) // 2]
     return out
+
+
+def paired_ratios(runs: list[dict[int, Figures]], refs: list[dict[int, Figures]]) -> str:
+    """Per depth, each round's IOPS ratio to the reference's boot in that round,
+    and their median."""
+    out = []
+    for qd in DEPTHS:
+        ratios = sorted(
+            r[qd].iops / ref[qd].iops
+            for r, ref in zip(runs, refs, strict=False)
+            if qd in r and qd in ref and ref[qd].iops
+        )
+        if ratios:
+            each = " ".join(f"{x:.2f}" for x in ratios)
+            out.append(f"qd{qd}: {each} (median {ratios[(len(ratios) - 1) // 2]:.2f}x)")
+    return "  ".join(out)
 
 
 def main() -> None:
@@ -206,12 +242,14 @@ def main() -> None:
         fill(backing, args.size_mib)
         for n in range(args.rounds):
             for variant in args.variants.split(","):
+                ticks = cpu_ticks()
                 figures = run_variant(lab, variant, backing, args.size_mib, script, timeout)
                 rounds.setdefault(variant, []).append(figures)
                 label = variant if args.rounds == 1 else f"{variant} #{n + 1}"
                 print(
                     f"{label:15s} "
-                    + "  ".join(f"qd{qd}: {figures.get(qd, NONE).show()}" for qd in DEPTHS),
+                    + "  ".join(f"qd{qd}: {figures.get(qd, NONE).show()}" for qd in DEPTHS)
+                    + f"  steal {100 * steal_since(ticks):4.1f}%",
                     flush=True,
                 )
     finally:
@@ -233,6 +271,13 @@ def main() -> None:
                     if qd in ref and ref[qd].iops
                 )
                 print(f"ratio {variant} / qemu-nvme  {ratios}")
+        if args.rounds > 1:
+            # Each round's two boots ran minutes apart, the rounds further:
+            # the ratio within a round is the steadier figure on a drifting host.
+            for variant, runs in rounds.items():
+                if variant != "qemu-nvme":
+                    paired = paired_ratios(runs, rounds["qemu-nvme"])
+                    print(f"paired {variant} / qemu-nvme  {paired}")
     accel = lab.info()["accel"]
     print(f"(guest: 1 vCPU, accel={accel}, {args.seconds}s per depth, {args.size_mib} MiB span)")
 
