@@ -21,7 +21,11 @@ and the ratio of each VF variant's IOPS to QEMU's.
 
 On a shared VM the figures of one boot swing by half from one run to the
 next; ``--rounds N`` boots the variants N times, interleaved, and takes
-the ratios of the medians.
+the ratios of the medians, and also prints each round's ratio to QEMU's
+boot of that round ("paired").  Every boot prints ``steal``, the share of
+this VM's CPU the hypervisor took during it; ``--max-steal P`` boots a
+variant again (at most ``--retries`` times) when that passed P%, and the
+least stolen boot counts.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -42,6 +46,7 @@ from mdevcore.tools.lab import Lab
 from mdevcore.vfio_user.server import DeviceServer
 
 DEPTHS = (1, 32)
+T = TypeVar("T")
 
 
 def guest_script(seconds: int, size_mib: int, depths: tuple[int, ...] = DEPTHS) -> str:
@@ -191,15 +196,24 @@ def steal_since(before: tuple[int, int]) -> float:
     return (steal - before[0]) / max(1, total - before[1])
 
 
+def lower_median(ordered: list[T]) -> T:
+    """The median of a sorted, non-empty list: the lower one of an even count."""
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def median_figures(runs: list[dict[int, Figures]]) -> dict[int, Figures]:
-    """Per depth, the round with the median IOPS (the lower one of an even count),
-    its percentiles with it."""
+    """Per depth, the round with the median IOPS, its percentiles with it."""
     out = {}
     for qd in DEPTHS:
         have = sorted((r[qd] for r in runs if qd in r), key=lambda f: f.iops)
         if have:
-            out[qd] = have[(len(have) - 1) // 2]
+            out[qd] = lower_median(have)
     return out
+
+
+def row(label: str, figures: dict[int, Figures]) -> str:
+    """One printed line: a label, then each depth's figures."""
+    return f"{label:15s} " + "  ".join(f"qd{qd}: {figures.get(qd, NONE).show()}" for qd in DEPTHS)
 
 
 def paired_ratios(runs: list[dict[int, Figures]], refs: list[dict[int, Figures]]) -> str:
@@ -214,7 +228,7 @@ def paired_ratios(runs: list[dict[int, Figures]], refs: list[dict[int, Figures]]
         )
         if ratios:
             each = " ".join(f"{x:.2f}" for x in ratios)
-            out.append(f"qd{qd}: {each} (median {ratios[(len(ratios) - 1) // 2]:.2f}x)")
+            out.append(f"qd{qd}: {each} (median {lower_median(ratios):.2f}x)")
     return "  ".join(out)
 
 
@@ -260,12 +274,7 @@ def main() -> None:
                     ticks = cpu_ticks()
                     figures = run_variant(lab, variant, backing, args.size_mib, script, timeout)
                     boots.append((100 * steal_since(ticks), figures))
-                    print(
-                        f"{label:15s} "
-                        + "  ".join(f"qd{qd}: {figures.get(qd, NONE).show()}" for qd in DEPTHS)
-                        + f"  steal {boots[-1][0]:4.1f}%",
-                        flush=True,
-                    )
+                    print(f"{row(label, figures)}  steal {boots[-1][0]:4.1f}%", flush=True)
                     if boots[-1][0] <= args.max_steal:
                         break
                 steal, figures = min(boots, key=lambda boot: boot[0])
@@ -277,10 +286,7 @@ def main() -> None:
     results = {variant: median_figures(runs) for variant, runs in rounds.items()}
     if args.rounds > 1:
         for variant, figures in results.items():
-            print(
-                f"{variant + ' median':15s} "
-                + "  ".join(f"qd{qd}: {figures.get(qd, NONE).show()}" for qd in DEPTHS)
-            )
+            print(row(f"{variant} median", figures))
     ref = results.get("qemu-nvme")
     if ref:
         for variant, iops in results.items():
@@ -292,8 +298,8 @@ def main() -> None:
                 )
                 print(f"ratio {variant} / qemu-nvme  {ratios}")
         if args.rounds > 1:
-            # Each round's two boots ran minutes apart, the rounds further:
-            # the ratio within a round is the steadier figure on a drifting host.
+            # A round's boots follow one another; the rounds lie further apart,
+            # so on a drifting host the ratio within a round is the steadier one.
             for variant, runs in rounds.items():
                 if variant != "qemu-nvme":
                     paired = paired_ratios(runs, rounds["qemu-nvme"])
