@@ -71,6 +71,13 @@ if [ "${MDEVCORE_SKIP_LIBVFIO_USER:-0}" != 1 ] \
     .venv/bin/python -m mdevcore.vfio_user.libvfio_user_build .venv >/dev/null
 fi
 
+# The NVMe controller's C read/write path (mdevcore/nvme/fastio.c), rebuilt
+# when the source changed; without it the controller runs in Python alone.
+if ! .venv/bin/python -c 'import sys; from mdevcore.nvme import fastio; sys.exit(fastio.load() is None)' 2>/dev/null; then
+    echo "setup: compiling the NVMe fast I/O module"
+    .venv/bin/python -m mdevcore.nvme.fastio_build >/dev/null
+fi
+
 if [ "${MDEVCORE_SKIP_LAB:-0}" != 1 ]; then
     .venv/bin/python -m mdevcore.tools.lab setup
 fi

@@ -12,7 +12,9 @@ Boots lab guests (mdevcore.tools.lab, TCG on these machines) that run fio
 
 A variant may end in ``@US``: its connection thread polls that many
 microseconds for the next request (``DeviceServer(spin_us=)``; 0 = the
-path before PdsNvmeVf.request_spin_us).
+path before PdsNvmeVf.request_spin_us).  ``+py`` after the mode (for
+example ``pds-trapped+py``) runs every command in Python, without the C
+read/write path (``VfConfig(fast_io=False)``, mdevcore.nvme.fastio).
 
 Prints IOPS and fio's completion-latency p50/p99 per variant and depth,
 and the ratio of each VF variant's IOPS to QEMU's.
@@ -109,9 +111,13 @@ async def run_vf(
     timeout: float,
     transport: str = "native",
     spin_us: float | None = None,
+    fast_io: bool = True,
 ) -> dict[int, Figures]:
     workdir = tempfile.mkdtemp(prefix="nvb-")
-    vf = PdsNvmeVf(VfConfig(backing=backing, size=size_mib << 20, doorbells=mode, io_queues=4))
+    config = VfConfig(
+        backing=backing, size=size_mib << 20, doorbells=mode, io_queues=4, fast_io=fast_io
+    )
+    vf = PdsNvmeVf(config)
     sock = os.path.join(workdir, "vf.sock")
     device = json.dumps({"driver": "vfio-user-pci", "socket": {"path": sock, "type": "unix"}})
     try:
@@ -136,7 +142,9 @@ async def run_vf(
     ctrl = vf.controller
     # How often the guest trapped: shadow doorbells (EventIdx) should make it rare.
     print(
-        f"  ({mode.value}: {ctrl.commands_done} commands, {ctrl.doorbell_traps} trapped doorbell "
+        f"  ({mode.value}: {ctrl.commands_done} commands, "
+        f"{ctrl.fast_io.commands if ctrl.fast_io else 0} of them in C, "
+        f"{ctrl.doorbell_traps} trapped doorbell "
         f"writes, shadow doorbells {'on' if ctrl.shadow is not None else 'off'} at the end)",
         flush=True,
     )
@@ -167,12 +175,13 @@ def run_variant(
     if variant == "qemu-nvme":
         return run_qemu_nvme(lab, backing, script, timeout)
     name, _, spin = variant.partition("@")
+    name, _, flavour = name.partition("+")
     kind, _, mode_name = name.partition("-")
     transport = "libvfio-user" if kind == "lvu" else "native"
     spin_us = float(spin) if spin else None
     return trio.run(
         run_vf, lab, backing, size_mib, DoorbellMode(mode_name), script, timeout, transport,
-        spin_us,
+        spin_us, flavour != "py",
     )  # fmt: skip
 
 

@@ -115,6 +115,10 @@ class FileNamespace:
     def direct(self) -> bool:
         return self._direct_fd is not None
 
+    def fds(self) -> tuple[int | None, int]:
+        """The O_DIRECT descriptor (None without one) and the buffered one, for native I/O."""
+        return self._direct_fd, self._fd
+
     @property
     def size(self) -> int:
         return self.nlbas * self.lba_size

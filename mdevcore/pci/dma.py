@@ -47,6 +47,11 @@ class DmaRegion:
         return self.iova + self.size
 
     @property
+    def mapping(self) -> mmap.mmap | None:
+        """The mmap behind ``memory`` (native code pins it; see mdevcore.nvme.fastio)."""
+        return self._mmap
+
+    @property
     def readable(self) -> bool:
         return bool(self.flags & vfio.DMA_MAP_FLAG_READ)
 
@@ -259,6 +264,9 @@ class DmaTable:
         # guest RAM (one big mapping), so most skip the bisect.  Forgotten
         # by every unmap.
         self._last: DmaRegion | None = None
+        # Moves with every map, unmap and clear: whoever keeps its own copy
+        # of the mappings (native code) rebuilds it when this changed.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -290,6 +298,7 @@ class DmaTable:
         region = DmaRegion(iova, size, flags, memory, region_map)
         self._starts.insert(pos, iova)
         self._regions.insert(pos, region)
+        self.generation += 1
         kind = "fd" if memory else "message"
         log.debug("[%s] DMA map %#x+%#x flags=%#x %s", self.owner, iova, size, flags, kind)
 
@@ -312,12 +321,14 @@ class DmaTable:
         del self._starts[pos]
         del self._regions[pos]
         self._last = None
+        self.generation += 1
         region.release(self.owner)
         log.debug("[%s] DMA unmap %#x+%#x", self.owner, iova, size)
 
     def clear(self) -> None:
         regions, self._regions, self._starts = self._regions, [], []
         self._last = None
+        self.generation += 1
         for region in regions:
             region.release(self.owner)
 

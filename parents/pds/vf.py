@@ -91,6 +91,7 @@ class VfConfig:
     model: str = "Pensando NVMe VF (mdevcore)"
     direct: bool = True
     poll_spin: float = 50e-3  # mmap mode: seconds of fast polling after activity
+    fast_io: bool = True  # reads and writes in C when built (mdevcore.nvme.fastio)
 
 
 STATE_MAGIC = b"PDS-NVME-VF/1\n"
@@ -178,6 +179,7 @@ class PdsNvmeVf(PciDevice):
                 level_irq=self._intx_mode,
                 may_dma=lambda: self.mig_state in _EXECUTING,
                 name=name,
+                fast_io=vf.fast_io,
             )
         except BaseException:
             # A VF the config cannot build must not keep its BAR memfd or the

@@ -1,0 +1,261 @@
+"""The C data path (mdevcore.nvme.fastio) against the Python controller.
+
+Two controllers over real DMA tables, one with the C path and one
+without, get the same commands: every completion, guest memory, the
+backing file and the SMART counters must come out the same.  The C path
+must also forget unmapped memory at once, step aside while dirty pages
+are logged, and refuse an extension built from another source.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nvme_host import PAGE, GuestMemory, Host, status
+
+from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController, fastio
+from mdevcore.nvme.queues import Command, Completion, make_command
+from mdevcore.nvme.spec import Generic, IoOpcode
+from mdevcore.pci.dma import DirtyLog, DmaTable
+from mdevcore.vfio_user.backend import DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, DmaMapping
+
+NS_BLOCKS = 2048
+RW = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE
+
+
+class TableMemory(GuestMemory):
+    """Guest memory the controller reaches through a real DmaTable.
+
+    The last page of the range is mapped read-only, and one page before it
+    is left unmapped, so commands can aim at both.
+    """
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        super().__init__(size)
+        self.readonly = self.base + size - PAGE
+        self.gap = self.readonly - PAGE
+        self.table = DmaTable()
+        low = self.gap - self.base
+        self.table.map(DmaMapping(self.base, low, RW, self.fd, 0))
+        self.table.map(DmaMapping(self.readonly, PAGE, DMA_MAP_FLAG_READ, self.fd, size - PAGE))
+
+    def close(self) -> None:
+        self.table.clear()
+        super().close()
+
+
+class Side:
+    """One controller, its memory, namespace and host driver."""
+
+    def __init__(self, tmp: Path, name: str, fast: bool, image: bytes) -> None:
+        self.path = tmp / f"{name}.img"
+        self.path.write_bytes(image)
+        self.mem = TableMemory()
+        self.ns = FileNamespace(self.path, len(image))
+        config = ControllerConfig(max_io_queues=2, max_queue_entries=64, mdts=2)
+        self.ctrl = NvmeController(self.mem.table, [self.ns], lambda v: None, config=config,
+                                   fast_io=fast)  # fmt: skip
+        self.host = Host(self.ctrl, self.mem)
+        self.host.enable()
+        self.host.create_io_queue_pair(1, size=32)
+        # Buffers at the same addresses on both sides: four pages and a PRP list page.
+        self.pages = [self.mem.alloc(PAGE) for _ in range(4)]
+        self.prp_list = self.mem.alloc(PAGE)
+        self.mem.write(self.prp_list, struct.pack("<3Q", *self.pages[1:]))
+
+    def close(self) -> None:
+        self.ctrl.close()
+        self.ns.close()
+        self.mem.close()
+
+
+@pytest.fixture
+def image() -> bytes:
+    return os.urandom(NS_BLOCKS * 512)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, image: bytes) -> Iterator[tuple[Side, Side]]:
+    native, python = Side(tmp_path, "c", True, image), Side(tmp_path, "py", False, image)
+    assert native.ctrl.fast_io is not None and python.ctrl.fast_io is None
+    yield native, python
+    native.close()
+    python.close()
+
+
+def rw(opcode: int, slba: int, nlb: int, prp1: int, prp2: int = 0) -> Command:
+    return make_command(opcode, nsid=1, prp1=prp1, prp2=prp2, cdw10=slba, cdw12=nlb - 1)
+
+
+# (name, what prp1/prp2 point at): the shapes a command's data pointers take.
+TARGETS = st.sampled_from(
+    [
+        "page",
+        "page+0x200",
+        "page+2",
+        "two pages",
+        "prp2 offset",
+        "list",
+        "gap",
+        "readonly",
+        "beyond",
+    ]  # fmt: skip
+)
+
+
+def pointers(side: Side, target: str) -> tuple[int, int]:
+    p = side.pages
+    return {
+        "page": (p[0], 0),
+        "page+0x200": (p[0] + 0x200, p[1]),
+        "page+2": (p[0] + 2, 0),
+        "two pages": (p[0], p[1]),
+        "prp2 offset": (p[0], p[1] + 0x200),
+        "list": (p[0], side.prp_list),
+        "gap": (side.mem.gap, 0),
+        "readonly": (side.mem.readonly, 0),
+        "beyond": (side.mem.base + side.mem.size + PAGE, 0),
+    }[target]
+
+
+COMMANDS = st.lists(
+    st.tuples(
+        st.sampled_from([IoOpcode.READ] * 4 + [IoOpcode.WRITE] * 3 + [IoOpcode.FLUSH, 0x7F]),
+        st.one_of(
+            st.integers(0, NS_BLOCKS - 16),
+            st.integers(NS_BLOCKS - 16, NS_BLOCKS + 4),
+            st.just(1 << 40),
+        ),  # fmt: skip
+        st.sampled_from([1, 8, 8, 9, 16, 24, 0x10000]),
+        TARGETS,
+        st.sampled_from([1, 1, 1, 1, 0, 2, 0xFFFFFFFF]),
+        st.sampled_from([0, 0, 0, 0x40, 0x01]),  # SQE flags: PSDT (SGL), FUSE
+        st.sampled_from([0, 0, 1 << 30]),  # FUA
+        st.booleans(),  # ring now, or let the next ones queue behind it
+    ),
+    min_size=1,
+    max_size=24,
+)
+
+
+def replay(
+    side: Side, commands: list[tuple[int, int, int, str, int, int, int, bool]]
+) -> list[Completion]:
+    host, out = side.host, []
+    for opcode, slba, nlb, target, nsid, flags, fua, ring in commands:
+        prp1, prp2 = pointers(side, target)
+        # Fill what a write takes from guest memory the same way on both sides.
+        for n, page in enumerate(side.pages):
+            side.mem.write(page, bytes([slba + n & 0xFF]) * PAGE)
+        cmd = make_command(
+            opcode, nsid=nsid, flags=flags, prp1=prp1, prp2=prp2, cdw10=slba & 0xFFFFFFFF,
+            cdw11=slba >> 32, cdw12=(nlb - 1) & 0xFFFF | fua,
+        )  # fmt: skip
+        host.submit(1, cmd, ring=ring)
+        if ring:
+            host.run()
+            out += host.reap(1)
+    host.ring(2, host.queues[1].sq_tail)
+    host.run()
+    return out + host.reap(1)
+
+
+def guest_pages(side: Side) -> bytes:
+    return b"".join(side.mem.read(p, PAGE) for p in side.pages)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(commands=COMMANDS)
+def test_c_and_python_paths_agree(tmp_path: Path, commands: list) -> None:  # type: ignore[type-arg]
+    image = bytes(range(256)) * (NS_BLOCKS * 2)
+    for sub in ("c", "py"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    native = Side(tmp_path / "c", "ns", True, image)
+    python = Side(tmp_path / "py", "ns", False, image)
+    try:
+        done_native = replay(native, commands)
+        done_python = replay(python, commands)
+        assert done_native == done_python
+        assert len(done_native) == len(commands)
+        assert guest_pages(native) == guest_pages(python)
+        assert native.path.read_bytes() == python.path.read_bytes()
+        assert native.ctrl.smart.snapshot() == python.ctrl.smart.snapshot()
+        assert native.ctrl.error_log.count == python.ctrl.error_log.count
+        assert native.ctrl.commands_done == python.ctrl.commands_done
+    finally:
+        native.close()
+        python.close()
+
+
+def test_plain_reads_and_writes_run_in_c(pair: tuple[Side, Side], image: bytes) -> None:
+    native, _ = pair
+    host, page = native.host, native.pages[0]
+    native.mem.write(page, b"\x5a" * PAGE)
+    for n in range(8):  # queued behind one doorbell: one C run takes them all
+        host.submit(1, rw(IoOpcode.WRITE, 8 * n, 8, page), ring=False)
+    host.ring(2, host.queues[1].sq_tail)
+    host.run()
+    done = host.reap(1)
+    assert [c.status for c in done] == [0] * 8
+    assert native.path.read_bytes()[: 8 * PAGE] == b"\x5a" * (8 * PAGE)
+    assert host.command(1, rw(IoOpcode.READ, 64, 8, page)).status == 0
+    assert native.mem.read(page, PAGE) == image[64 * 512 : 64 * 512 + PAGE]
+    fast = native.ctrl.fast_io
+    assert fast is not None and fast.commands == 9
+    smart = native.ctrl.smart
+    assert (smart.write_commands, smart.read_commands) == (8, 1)
+    assert (smart.bytes_written, smart.bytes_read) == (8 * PAGE, PAGE)
+
+
+def test_unmapped_memory_is_forgotten_at_once(pair: tuple[Side, Side]) -> None:
+    """After DMA_UNMAP, a read aimed there fails and the old mapping is not written."""
+    native, _ = pair
+    host, page = native.host, native.pages[0]
+    assert host.command(1, rw(IoOpcode.READ, 0, 8, page)).status == 0
+    mem = native.mem
+    watch = mmap.mmap(mem.fd, mem.size)  # the memory behind the mapping, seen from outside
+    offset = page - mem.base
+    watch[offset : offset + PAGE] = b"\x11" * PAGE
+    # Unmap everything, then map only the queues' pages back (below the buffers).
+    low = native.pages[0] - mem.base
+    mem.table.clear()
+    mem.table.map(DmaMapping(mem.base, low, RW, mem.fd, 0))
+    cqe = host.command(1, rw(IoOpcode.READ, 8, 8, page))
+    assert cqe.status == status(0, Generic.DATA_TRANSFER_ERROR)
+    assert watch[offset : offset + PAGE] == b"\x11" * PAGE
+    watch.close()
+
+
+def test_dirty_logging_leaves_commands_to_python(pair: tuple[Side, Side]) -> None:
+    """Migration logs every page the device writes: the Python path does, C does not."""
+    native, _ = pair
+    mem, host, page = native.mem, native.host, native.pages[2]
+    fast = native.ctrl.fast_io
+    assert fast is not None
+    mem.table.dirty = DirtyLog(PAGE, [(mem.base, mem.gap - mem.base)])
+    assert host.command(1, rw(IoOpcode.READ, 0, 8, page)).status == 0
+    assert fast.commands == 0
+    assert {page // PAGE, host.queues[1].cq // PAGE} <= mem.table.dirty.dirty_pages()
+    mem.table.dirty = None
+    assert host.command(1, rw(IoOpcode.READ, 0, 8, page)).status == 0
+    assert fast.commands == 1
+
+
+def test_an_extension_from_another_source_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    fastio.load.cache_clear()
+    monkeypatch.setattr(fastio, "source_digest", lambda: "0" * 16)
+    try:
+        assert fastio.load() is None
+    finally:
+        monkeypatch.undo()
+        fastio.load.cache_clear()
+    assert fastio.load() is not None
