@@ -143,7 +143,8 @@ async def run_vf(
     # How often the guest trapped: shadow doorbells (EventIdx) should make it rare.
     print(
         f"  ({mode.value}: {ctrl.commands_done} commands, "
-        f"{ctrl.fast_io.commands if ctrl.fast_io else 0} of them in C, "
+        f"{ctrl.fast_io.commands if ctrl.fast_io else 0} of them in C "
+        f"({ctrl.fast_io.batched if ctrl.fast_io else 0} in AIO batches), "
         f"{ctrl.doorbell_traps} trapped doorbell "
         f"writes, shadow doorbells {'on' if ctrl.shadow is not None else 'off'} at the end)",
         flush=True,

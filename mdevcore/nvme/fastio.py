@@ -47,12 +47,14 @@ struct nf_ctx {
     struct nf_ns *ns; uint32_t nns;
     uint32_t page_size; uint64_t max_transfer;
     uint64_t bytes_read, bytes_written, reads, writes;
+    uint64_t aio; uint32_t aio_broken; uint64_t batched;
 };
 struct nf_queue {
     uint64_t sq_base; uint32_t sq_size, sq_head, sq_tail, sqid;
     uint64_t cq_base; uint32_t cq_size, cq_head, cq_tail, cq_phase;
 };
 uint32_t nf_run(struct nf_ctx *c, struct nf_queue *q, uint32_t limit);
+void nf_close(struct nf_ctx *c);
 """
 
 
@@ -116,8 +118,14 @@ class FastIo:
         self._pins: list[Any] = []
         self.commands = 0  # completed in C (tests and profiles: did it run?)
 
+    @property
+    def batched(self) -> int:
+        """Of :attr:`commands`, those that went to the kernel together (Linux AIO)."""
+        return int(self._ctx.batched)
+
     def close(self) -> None:
-        """Unpin every mapping (the controller is going away)."""
+        """Unpin every mapping and end the AIO context (the controller is going away)."""
+        self._lib.nf_close(self._ctx)
         self._unpin()
         self._generation = -1
 

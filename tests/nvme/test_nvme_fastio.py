@@ -65,10 +65,11 @@ class Side:
         self.host = Host(self.ctrl, self.mem)
         self.host.enable()
         self.host.create_io_queue_pair(1, size=32)
-        # Buffers at the same addresses on both sides: four pages and a PRP list page.
-        self.pages = [self.mem.alloc(PAGE) for _ in range(4)]
+        # Buffers at the same addresses on both sides: two pages per command
+        # (eight commands' worth), and a PRP list page.
+        self.pages = [self.mem.alloc(PAGE) for _ in range(16)]
         self.prp_list = self.mem.alloc(PAGE)
-        self.mem.write(self.prp_list, struct.pack("<3Q", *self.pages[1:]))
+        self.mem.write(self.prp_list, struct.pack("<3Q", *self.pages[1:4]))
 
     def close(self) -> None:
         self.ctrl.close()
@@ -110,15 +111,16 @@ TARGETS = st.sampled_from(
 )
 
 
-def pointers(side: Side, target: str) -> tuple[int, int]:
-    p = side.pages
+def pointers(side: Side, target: str, index: int) -> tuple[int, int]:
+    """PRP1/PRP2 for the ``index``-th command: its own two pages, eight commands apart."""
+    a, b = side.pages[2 * (index % 8)], side.pages[2 * (index % 8) + 1]
     return {
-        "page": (p[0], 0),
-        "page+0x200": (p[0] + 0x200, p[1]),
-        "page+2": (p[0] + 2, 0),
-        "two pages": (p[0], p[1]),
-        "prp2 offset": (p[0], p[1] + 0x200),
-        "list": (p[0], side.prp_list),
+        "page": (a, 0),
+        "page+0x200": (a + 0x200, b),
+        "page+2": (a + 2, 0),
+        "two pages": (a, b),
+        "prp2 offset": (a, b + 0x200),
+        "list": (a, side.prp_list),
         "gap": (side.mem.gap, 0),
         "readonly": (side.mem.readonly, 0),
         "beyond": (side.mem.base + side.mem.size + PAGE, 0),
@@ -147,13 +149,15 @@ COMMANDS = st.lists(
 
 def replay(
     side: Side, commands: list[tuple[int, int, int, str, int, int, int, bool]]
-) -> list[Completion]:
-    host, out = side.host, []
-    for opcode, slba, nlb, target, nsid, flags, fua, ring in commands:
-        prp1, prp2 = pointers(side, target)
-        # Fill what a write takes from guest memory the same way on both sides.
-        for n, page in enumerate(side.pages):
-            side.mem.write(page, bytes([slba + n & 0xFF]) * PAGE)
+) -> tuple[list[Completion], list[bytes]]:
+    """The completions, and guest memory after every run of the controller."""
+    host, out, seen = side.host, [], []
+    for index, (opcode, slba, nlb, target, nsid, flags, fua, ring) in enumerate(commands):
+        prp1, prp2 = pointers(side, target, index)
+        # What a write takes from guest memory, the same on both sides.
+        slot = 2 * (index % 8)
+        for page in side.pages[slot : slot + 2]:
+            side.mem.write(page, bytes([slba + index & 0xFF]) * PAGE)
         cmd = make_command(
             opcode, nsid=nsid, flags=flags, prp1=prp1, prp2=prp2, cdw10=slba & 0xFFFFFFFF,
             cdw11=slba >> 32, cdw12=(nlb - 1) & 0xFFFF | fua,
@@ -162,9 +166,11 @@ def replay(
         if ring:
             host.run()
             out += host.reap(1)
+            seen.append(guest_pages(side))
     host.ring(2, host.queues[1].sq_tail)
     host.run()
-    return out + host.reap(1)
+    seen.append(guest_pages(side))
+    return out + host.reap(1), seen
 
 
 def guest_pages(side: Side) -> bytes:
@@ -182,11 +188,11 @@ def test_c_and_python_paths_agree(tmp_path: Path, commands: list) -> None:  # ty
     native = Side(tmp_path / "c", "ns", True, image)
     python = Side(tmp_path / "py", "ns", False, image)
     try:
-        done_native = replay(native, commands)
-        done_python = replay(python, commands)
+        done_native, seen_native = replay(native, commands)
+        done_python, seen_python = replay(python, commands)
         assert done_native == done_python
         assert len(done_native) == len(commands)
-        assert guest_pages(native) == guest_pages(python)
+        assert seen_native == seen_python
         assert native.path.read_bytes() == python.path.read_bytes()
         assert native.ctrl.smart.snapshot() == python.ctrl.smart.snapshot()
         assert native.ctrl.error_log.count == python.ctrl.error_log.count
@@ -211,6 +217,7 @@ def test_plain_reads_and_writes_run_in_c(pair: tuple[Side, Side], image: bytes) 
     assert native.mem.read(page, PAGE) == image[64 * 512 : 64 * 512 + PAGE]
     fast = native.ctrl.fast_io
     assert fast is not None and fast.commands == 9
+    assert fast.batched == 8  # the queued writes went to the kernel together
     smart = native.ctrl.smart
     assert (smart.write_commands, smart.read_commands) == (8, 1)
     assert (smart.bytes_written, smart.bytes_read) == (8 * PAGE, PAGE)
