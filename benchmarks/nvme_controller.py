@@ -7,7 +7,9 @@ Linux guest does, unless ``--no-shadow``), the controller executes against
 a file-backed namespace and signals an eventfd as its interrupt.  Prints
 IOPS and microseconds per command at queue depth 1 and 32, and at depth 1
 the doorbell-to-interrupt latency (p50/p99): the part of a guest's QD1
-round trip the controller owns.  Compare with the socket round trip
+round trip the controller owns.  It runs twice, with the C read/write
+path (mdevcore.nvme.fastio) and with every command in Python, and prints
+the ratios.  Compare with the socket round trip
 (benchmarks/vfio_user_rtt.py) and the guest-level figures of
 benchmarks/nvme_guest.py.
 
@@ -24,7 +26,7 @@ import struct
 import tempfile
 import time
 
-from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController
+from mdevcore.nvme import ControllerConfig, FileNamespace, NvmeController, fastio
 from mdevcore.nvme.queues import make_command
 from mdevcore.nvme.spec import (
     CC_EN,
@@ -62,13 +64,19 @@ class Memory:
 
 
 class Bench:
-    def __init__(self, directory: str, ns_bytes: int, direct: bool, shadow: bool) -> None:
+    def __init__(
+        self, directory: str, ns_bytes: int, direct: bool, shadow: bool, fast_io: bool = True
+    ) -> None:
         self.mem = Memory(64 << 20)
         self.ns = FileNamespace(os.path.join(directory, "bench.img"), ns_bytes, direct=direct)
         self.irq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.irq_at = 0
         self.ctrl = NvmeController(
-            self.mem.table, [self.ns], self._irq, config=ControllerConfig(max_io_queues=2)
+            self.mem.table,
+            [self.ns],
+            self._irq,
+            config=ControllerConfig(max_io_queues=2),
+            fast_io=fast_io,
         )
         self.depth = 64
         asq, acq = self.mem.alloc(PAGE), self.mem.alloc(PAGE)
@@ -186,29 +194,49 @@ def main() -> None:
     parser.add_argument("--no-shadow", action="store_true", help="every doorbell trapped")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        bench = Bench(d, args.size_mib << 20, direct=not args.buffered, shadow=not args.no_shadow)
-        try:
-            # fill the file so reads hit real blocks, not holes
-            with open(os.path.join(d, "bench.img"), "r+b") as f:
-                chunk = os.urandom(1 << 20)
-                for _ in range(args.size_mib):
-                    f.write(chunk)
-            print(
-                f"backing file: {args.size_mib} MiB, O_DIRECT={bench.ns.direct}, "
-                f"shadow doorbells {'off' if args.no_shadow else 'on'}"
-            )
-            for name, opcode in (("randread", IoOpcode.READ), ("randwrite", IoOpcode.WRITE)):
-                for qd in (1, 32):
-                    n, elapsed, lat = bench.run(opcode, qd, args.seconds)
-                    iops, us = n / elapsed, elapsed / n * 1e6
-                    line = f"{name:9s} 4k qd{qd:<2d}: {iops:9.0f} IOPS  {us:7.1f} us/cmd"
-                    if qd == 1:
-                        lat.sort()
-                        p50, p99 = lat[len(lat) // 2] / 1e3, lat[len(lat) * 99 // 100] / 1e3
-                        line += f"  doorbell->irq p50 {p50:6.1f} us  p99 {p99:6.1f} us"
-                    print(line, flush=True)
-        finally:
-            bench.close()
+        # fill the file so reads hit real blocks, not holes
+        with open(os.path.join(d, "bench.img"), "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(args.size_mib):
+                f.write(chunk)
+        paths = [("C", True), ("Python", False)] if fastio.load() else [("Python", False)]
+        results: dict[str, dict[str, float]] = {}
+        for label, fast in paths:
+            bench = Bench(
+                d, args.size_mib << 20, direct=not args.buffered, shadow=not args.no_shadow,
+                fast_io=fast,
+            )  # fmt: skip
+            try:
+                print(
+                    f"{label} path: backing file {args.size_mib} MiB, "
+                    f"O_DIRECT={bench.ns.direct}, "
+                    f"shadow doorbells {'off' if args.no_shadow else 'on'}"
+                )
+                results[label] = measure(bench, args.seconds)
+            finally:
+                bench.close()
+        if len(results) == 2:
+            print("C / Python:")
+            for key, value in results["C"].items():
+                print(f"  {key:22s} {value / results['Python'][key]:5.2f}x")
+
+
+def measure(bench: Bench, seconds: float) -> dict[str, float]:
+    """Print and return IOPS per workload, and QD1's doorbell-to-interrupt p50."""
+    out = {}
+    for name, opcode in (("randread", IoOpcode.READ), ("randwrite", IoOpcode.WRITE)):
+        for qd in (1, 32):
+            n, elapsed, lat = bench.run(opcode, qd, seconds)
+            iops, us = n / elapsed, elapsed / n * 1e6
+            line = f"{name:9s} 4k qd{qd:<2d}: {iops:9.0f} IOPS  {us:7.1f} us/cmd"
+            out[f"{name} qd{qd} IOPS"] = iops
+            if qd == 1:
+                lat.sort()
+                p50, p99 = lat[len(lat) // 2] / 1e3, lat[len(lat) * 99 // 100] / 1e3
+                line += f"  doorbell->irq p50 {p50:6.1f} us  p99 {p99:6.1f} us"
+                out[f"{name} qd1 irq p50"] = p50
+            print(line, flush=True)
+    return out
 
 
 if __name__ == "__main__":

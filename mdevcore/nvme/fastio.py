@@ -74,12 +74,12 @@ def load() -> tuple[Any, Any] | None:
         log.info("NVMe fast I/O module not built (python -m mdevcore.nvme.fastio_build)")
         return None
     built = module.ffi.string(module.lib.nf_digest()).decode()
-    if built != source_digest():
+    if not SOURCE_FILE.exists() or built != source_digest():
         log.warning(
             "NVMe fast I/O module is stale (built from %s, source is %s): not used; "
             "rebuild with python -m mdevcore.nvme.fastio_build",
             built,
-            source_digest(),
+            source_digest() if SOURCE_FILE.exists() else "missing",
         )
         return None
     return module.ffi, module.lib

@@ -11,12 +11,10 @@ Needs cffi and a C compiler.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
+from mdevcore.cffi_install import compile_into
 from mdevcore.nvme.fastio import CDEF, EXTENSION, SOURCE_FILE, source_digest
 
 
@@ -31,13 +29,7 @@ def build(dest: Path | None = None) -> Path:
         source + f'\nconst char *nf_digest(void) {{ return "{source_digest()}"; }}\n',
         extra_compile_args=["-O2", "-Wall", "-Werror"],
     )
-    target = dest or Path(sysconfig.get_paths()["platlib"])
-    with tempfile.TemporaryDirectory(prefix="mdevcore-fastio-") as tmp:
-        built = Path(ffi.compile(tmpdir=tmp))
-        target.mkdir(parents=True, exist_ok=True)
-        final = target / built.name
-        shutil.copy2(built, final)
-    return final
+    return compile_into(ffi, dest, "mdevcore-fastio-")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,12 +10,10 @@ PREFIX/lib as its run path.  Needs cffi and a C compiler.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
+from mdevcore.cffi_install import compile_into
 from mdevcore.vfio_user.libvfio_user_ffi import EXTENSION, full_cdef
 
 _SOURCE = """
@@ -40,13 +38,7 @@ def build(prefix: Path, dest: Path | None = None) -> Path:
         extra_compile_args=["-Werror=incompatible-pointer-types"],
         extra_link_args=[f"-Wl,-rpath,{lib_dir}"],
     )
-    target = dest or Path(sysconfig.get_paths()["platlib"])
-    with tempfile.TemporaryDirectory(prefix="mdevcore-cffi-") as tmp:
-        built = Path(ffi.compile(tmpdir=tmp))
-        target.mkdir(parents=True, exist_ok=True)
-        final = target / built.name
-        shutil.copy2(built, final)
-    return final
+    return compile_into(ffi, dest, "mdevcore-cffi-")
 
 
 def main(argv: list[str] | None = None) -> int:
