@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")"
 
-APT_PACKAGES="libfuse3-dev fuse3 pkg-config mdevctl debootstrap gcc iproute2 systemd"
+APT_PACKAGES="libfuse3-dev fuse3 pkg-config mdevctl debootstrap gcc libc6-dev iproute2 systemd"
 # libvfio-user (the second vfio-user transport) is built from source with these.
 if [ "${MDEVCORE_SKIP_LIBVFIO_USER:-0}" != 1 ]; then
     APT_PACKAGES="$APT_PACKAGES meson ninja-build libjson-c-dev libcmocka-dev"

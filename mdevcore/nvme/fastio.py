@@ -12,10 +12,12 @@ The extension is compiled by ``python -m mdevcore.nvme.fastio_build``
 ``fastio.c``, :func:`load` returns None and the controller runs in Python
 alone.  ``MDEVCORE_NVME_FASTIO=0`` turns it off for a process.
 
-Memory: the C tables point into the DMA table's mmaps; each is pinned
-(a buffer export, so an unmap leaves it mapped until the pin goes) and the
-tables are rebuilt whenever the DMA table's generation moves, before the
-next command, so no DMA reaches a range the client has unmapped.
+Memory: the C tables point into the DMA table's mmaps, each pinned by a
+buffer export while the copy exists.  The table tells its watchers of
+every map, unmap and clear before it releases anything: the copy and its
+pins go at once (an unmapped mmap closes, and its fd with it), and the
+next command rebuilds the copy, so no DMA reaches a range the client has
+unmapped.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class FastIo:
         self._regions: Any = None
         self._pins: list[Any] = []
         self.commands = 0  # completed in C (tests and profiles: did it run?)
+        dma.watchers.append(self._forget)
 
     @property
     def batched(self) -> int:
@@ -126,6 +129,12 @@ class FastIo:
     def close(self) -> None:
         """Unpin every mapping and end the AIO context (the controller is going away)."""
         self._lib.nf_close(self._ctx)
+        self._forget()
+        if self._forget in self._dma.watchers:
+            self._dma.watchers.remove(self._forget)
+
+    def _forget(self) -> None:
+        """The DMA table changed: drop the copy (rebuilt on the next run) and its pins."""
         self._unpin()
         self._generation = -1
 

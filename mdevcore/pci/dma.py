@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import logging
 import mmap
+from collections.abc import Callable
 
 from mdevcore.vfio_user import backend as vfio
 from mdevcore.vfio_user.backend import DmaMapping
@@ -267,6 +268,10 @@ class DmaTable:
         # Moves with every map, unmap and clear: whoever keeps its own copy
         # of the mappings (native code) rebuilds it when this changed.
         self.generation = 0
+        # Called on every change before any mapping is released, so such a
+        # copy can drop what pins the old mmaps (they close, and their fds
+        # with them, at once).
+        self.watchers: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return len(self._regions)
@@ -298,7 +303,7 @@ class DmaTable:
         region = DmaRegion(iova, size, flags, memory, region_map)
         self._starts.insert(pos, iova)
         self._regions.insert(pos, region)
-        self.generation += 1
+        self._changed()
         kind = "fd" if memory else "message"
         log.debug("[%s] DMA map %#x+%#x flags=%#x %s", self.owner, iova, size, flags, kind)
 
@@ -321,16 +326,21 @@ class DmaTable:
         del self._starts[pos]
         del self._regions[pos]
         self._last = None
-        self.generation += 1
+        self._changed()
         region.release(self.owner)
         log.debug("[%s] DMA unmap %#x+%#x", self.owner, iova, size)
 
     def clear(self) -> None:
         regions, self._regions, self._starts = self._regions, [], []
         self._last = None
-        self.generation += 1
+        self._changed()
         for region in regions:
             region.release(self.owner)
+
+    def _changed(self) -> None:
+        self.generation += 1
+        for watcher in self.watchers:
+            watcher()
 
     # --- lookups -------------------------------------------------------------
 

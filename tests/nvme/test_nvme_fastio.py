@@ -234,7 +234,10 @@ def test_unmapped_memory_is_forgotten_at_once(pair: tuple[Side, Side]) -> None:
     watch[offset : offset + PAGE] = b"\x11" * PAGE
     # Unmap everything, then map only the queues' pages back (below the buffers).
     low = native.pages[0] - mem.base
+    old = mem.table.regions()[0].mapping
+    assert old is not None
     mem.table.clear()
+    assert old.closed  # not kept by the C copy's pin: its fd is gone too
     mem.table.map(DmaMapping(mem.base, low, RW, mem.fd, 0))
     cqe = host.command(1, rw(IoOpcode.READ, 8, 8, page))
     assert cqe.status == status(0, Generic.DATA_TRANSFER_ERROR)
