@@ -139,12 +139,12 @@ async def run_vf(
         shutil.rmtree(workdir, ignore_errors=True)
     if result.rc != 0:
         raise RuntimeError(f"guest failed:\n{result.output}")
-    ctrl = vf.controller
+    ctrl, fast = vf.controller, vf.controller.fast_io
     # How often the guest trapped: shadow doorbells (EventIdx) should make it rare.
     print(
         f"  ({mode.value}: {ctrl.commands_done} commands, "
-        f"{ctrl.fast_io.commands if ctrl.fast_io else 0} of them in C "
-        f"({ctrl.fast_io.batched if ctrl.fast_io else 0} in AIO batches), "
+        f"{fast.commands if fast else 0} of them in C ({fast.batched if fast else 0} in AIO "
+        f"batches), "
         f"{ctrl.doorbell_traps} trapped doorbell "
         f"writes, shadow doorbells {'on' if ctrl.shadow is not None else 'off'} at the end)",
         flush=True,

@@ -1,11 +1,11 @@
 """The controller's common case in C: Read/Write of I/O queues (``fastio.c``).
 
-A 4 KiB read costs the Python controller about 20 us from doorbell to
-interrupt, most of it in fetching, decoding, translating and posting; the
-C loop does the same in well under one.  It takes only the commands it
-can finish with status Success and leaves everything else, errors
-included, to the Python path (mdevcore.nvme.nvm), which stays the one
-place a status is decided.
+Fetching, decoding, translating and posting in Python is most of a 4 KiB
+read's cost from doorbell to interrupt (``benchmarks/nvme_controller.py``
+prints both paths).  The C loop takes only the commands it can finish
+with status Success and leaves everything else, errors included, to the
+Python path (mdevcore.nvme.nvm), which stays the one place a status is
+decided.
 
 The extension is compiled by ``python -m mdevcore.nvme.fastio_build``
 (setup.sh does it).  Without it, or when it was built from another
@@ -76,12 +76,13 @@ def load() -> tuple[Any, Any] | None:
         log.info("NVMe fast I/O module not built (python -m mdevcore.nvme.fastio_build)")
         return None
     built = module.ffi.string(module.lib.nf_digest()).decode()
-    if not SOURCE_FILE.exists() or built != source_digest():
+    expected = source_digest() if SOURCE_FILE.exists() else "missing"
+    if built != expected:
         log.warning(
             "NVMe fast I/O module is stale (built from %s, source is %s): not used; "
             "rebuild with python -m mdevcore.nvme.fastio_build",
             built,
-            source_digest() if SOURCE_FILE.exists() else "missing",
+            expected,
         )
         return None
     return module.ffi, module.lib
@@ -115,8 +116,7 @@ class FastIo:
         self._ctx.ns = self._ns
         self._ctx.nns = len(self._namespaces)
         self._ctx.max_transfer = max_transfer
-        self._generation = -1
-        self._regions: Any = None
+        self._regions: Any = None  # the C copy of the DMA table; None: build it first
         self._pins: list[Any] = []
         self.commands = 0  # completed in C (tests and profiles: did it run?)
         dma.watchers.append(self._forget)
@@ -135,10 +135,6 @@ class FastIo:
 
     def _forget(self) -> None:
         """The DMA table changed: drop the copy (rebuilt on the next run) and its pins."""
-        self._unpin()
-        self._generation = -1
-
-    def _unpin(self) -> None:
         self._ctx.regions = self._ffi.NULL
         self._ctx.nregions = 0
         self._regions = None
@@ -148,7 +144,6 @@ class FastIo:
 
     def _load_regions(self) -> None:
         ffi = self._ffi
-        self._unpin()
         regions = self._dma.regions()
         table = ffi.new("struct nf_region[]", max(len(regions), 1))
         for entry, region in zip(table, regions, strict=False):
@@ -164,7 +159,6 @@ class FastIo:
         self._ctx.regions = table
         self._ctx.nregions = len(regions)
         self._ctx.last = 0
-        self._generation = self._dma.generation
 
     def run(self, sq: SubmissionQueue, cq: CompletionQueue, limit: int, page_size: int) -> int:
         """Execute up to ``limit`` commands of ``sq`` in C; how many completed.
@@ -176,7 +170,7 @@ class FastIo:
         dma = self._dma
         if dma.dirty is not None:
             return 0
-        if dma.generation != self._generation:
+        if self._regions is None:
             self._load_regions()
         ctx, q = self._ctx, self._queue
         ctx.page_size = page_size

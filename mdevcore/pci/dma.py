@@ -265,12 +265,10 @@ class DmaTable:
         # guest RAM (one big mapping), so most skip the bisect.  Forgotten
         # by every unmap.
         self._last: DmaRegion | None = None
-        # Moves with every map, unmap and clear: whoever keeps its own copy
-        # of the mappings (native code) rebuilds it when this changed.
-        self.generation = 0
-        # Called on every change before any mapping is released, so such a
-        # copy can drop what pins the old mmaps (they close, and their fds
-        # with them, at once).
+        # Called on every map, unmap and clear, before any mapping is
+        # released: whoever keeps its own copy of the mappings (native code,
+        # mdevcore.nvme.fastio) drops it, and what pins the old mmaps with
+        # it (they close, and their fds with them, at once).
         self.watchers: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
@@ -338,7 +336,6 @@ class DmaTable:
             region.release(self.owner)
 
     def _changed(self) -> None:
-        self.generation += 1
         for watcher in self.watchers:
             watcher()
 
