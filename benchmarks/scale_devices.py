@@ -1,6 +1,7 @@
 """Many devices in one daemon: 16 mtty mdevs in one ``mdevd serve`` against one daemon each.
 
     .venv/bin/python benchmarks/scale_devices.py [--devices 16] [--seconds 2] [--busy 1,2,4,8,16]
+        [--spin-us US]
 
 Prints figures, asserts nothing.  Both setups serve the same ``--devices``
 mtty-1 mdevs (created through the mounted mirror, served over vfio-user):
@@ -129,12 +130,15 @@ def create_devices(daemon: Daemon, count: int) -> list[Path]:
     return sockets
 
 
-def measure(setup: str, devices: int, busy: Sequence[int], seconds: float) -> list[Result]:
+def measure(
+    setup: str, devices: int, busy: Sequence[int], seconds: float, extra: Sequence[str]
+) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         base = Path(tmp)
         ports = ("--parent-opt", f"mtty.ports={devices if setup == 'one' else 1}")
         count = 1 if setup == "one" else devices
-        daemons = [Daemon(base / f"d{i}", (*MTTY_ONLY, *ports), wait=False) for i in range(count)]
+        args = (*MTTY_ONLY, *ports, *extra)
+        daemons = [Daemon(base / f"d{i}", args, wait=False) for i in range(count)]
         for d in daemons:
             stack.callback(d.stop)
         for d in daemons:
@@ -151,6 +155,10 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=16)
     p.add_argument("--seconds", type=float, default=2.0, help="of reads per client and N")
     p.add_argument("--busy", default="1,2,4,8,16", help="numbers of busy clients")
+    p.add_argument(
+        "--spin-us",
+        help="mdevd serve --spin-us for every daemon (default: the device's, 0 for mtty)",
+    )
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -160,11 +168,14 @@ def main() -> None:
     busy = [int(n) for n in args.busy.split(",")]
     if max(busy) > args.devices:
         p.error("--busy: more clients than --devices")
-    one = measure("one", args.devices, busy, args.seconds)
-    each = measure("each", args.devices, busy, args.seconds)
+    extra = ("--spin-us", args.spin_us) if args.spin_us is not None else ()
+    one = measure("one", args.devices, busy, args.seconds, extra)
+    each = measure("each", args.devices, busy, args.seconds, extra)
+    spin = f"; --spin-us {args.spin_us}" if extra else ""
     print(
         f"{args.devices} mtty mdevs; N busy clients (one per device, separate processes) "
         f"do 4-byte config-space REGION_READs for {args.seconds:g} s; {os.cpu_count()} CPUs"
+        f"{spin}; load average {os.getloadavg()[0]:.1f}"
     )
     head = "aggregate/s  per dev/s (slowest)  p50 us   p99 us"
     ours, peer = "one mdevd (ours)", "one mdevd per device (peer)"

@@ -5,6 +5,7 @@
 
 Prints figures, asserts nothing.  Servers, each in its own process:
   C responder        benchmarks/c/responder.c (the floor)
+  C responder spin 200  the same, polling 200 us for the next request before it blocks
   trio echo spin 0   the server's socket pattern in trio, no engine (trio's floor)
   thread echo        the same answers from a blocking loop (a connection thread's floor)
   raw trio           DeviceServer --io trio + a bytearray-backed DeviceBackend
@@ -12,6 +13,8 @@ Prints figures, asserts nothing.  Servers, each in its own process:
   raw trio spin 20   --io trio, polling up to 20 us before parking in trio
   PciDevice trio     DeviceServer --io trio + a PciDevice with one MEM32 BAR
   PciDevice thread   the same with --io thread
+  PciDevice thread spin 200  --io thread --spin-us 200: a connection thread polls
+                     200 us for a bursting client's next request before it sleeps
   libvfio-user PciDevice  the same PciDevice served through libvfio-user (cffi),
                      when the library is installed (setup.sh)
 Clients: the project's blocking Client (Python) and benchmarks/c/client.c.
@@ -140,12 +143,14 @@ def build() -> None:
             subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
 
 
+VERBOSE: list[str] = []  # ["-v"]: servers log their counters (experiments)
 C_FLOOR = "C responder"
 LIBVFIO_USER = "libvfio-user PciDevice"
 SERVERS = (
     # label, device class (None = the C responder, "echo" = bare trio or thread), spin_us,
     # transport, io
     (C_FLOOR, None, 0.0, "native", ""),
+    ("C responder spin 200", None, 200.0, "native", ""),
     ("trio echo spin 0", "echo", 0.0, "native", "trio"),
     ("thread echo", "echo", 0.0, "native", "thread"),
     ("raw trio", "RawDevice", DEFAULT_SPIN_US, "native", "trio"),
@@ -153,6 +158,7 @@ SERVERS = (
     ("raw trio spin 20", "RawDevice", 20.0, "native", "trio"),
     ("PciDevice trio", "PciBench", DEFAULT_SPIN_US, "native", "trio"),
     ("PciDevice thread", "PciBench", DEFAULT_SPIN_US, "native", "thread"),
+    ("PciDevice thread spin 200", "PciBench", 200.0, "native", "thread"),
     (LIBVFIO_USER, "PciBench", 0.0, "libvfio-user", ""),
 )
 
@@ -176,12 +182,13 @@ def start_server(
     profile: bool = False,
 ) -> subprocess.Popen[bytes]:
     if device is None:
-        cmd = [str(BUILD / "responder"), path]
+        cmd = [str(BUILD / "responder"), path] + ([str(spin_us)] if spin_us else [])
     elif device == "echo":
         cmd = [sys.executable, __file__, "--serve-echo", path, "--io", io]
     else:
         cmd = [sys.executable, "-m", "mdevcore.vfio_user", "--device", f"vfio_user_rtt:{device}",
                "--socket", path, "--spin-us", str(spin_us), "--transport", transport]  # fmt: skip
+        cmd += VERBOSE
         cmd += ["--io", io] if io else []
         cmd += ["--profile"] if profile else []
     pythonpath = os.pathsep.join(filter(None, (str(HERE), str(ROOT), os.environ.get("PYTHONPATH"))))
@@ -357,12 +364,12 @@ def main() -> None:
         f"REGION_READ 4 bytes: {args.reads} round trips; REGION_WRITE No_reply: {args.writes}; "
         f"median of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'server':<24}{'client':<8}{'median us':>10}{'p99 us':>9}{'x C':>7}{'x lvu':>7}"
+    print(f"{'server':<26}{'client':<8}{'median us':>10}{'p99 us':>9}{'x C':>7}{'x lvu':>7}"
           f"{'posted msg/s':>14}")  # fmt: skip
     for label, client, med, p99, rate in rows:
         ratio = med / floor[client]
         lvu = f"{med / peer[client]:>7.2f}" if client in peer else f"{'-':>7}"
-        print(f"{label:<24}{client:<8}{med:>10.2f}{p99:>9.2f}{ratio:>7.2f}{lvu}{rate:>14,.0f}")
+        print(f"{label:<26}{client:<8}{med:>10.2f}{p99:>9.2f}{ratio:>7.2f}{lvu}{rate:>14,.0f}")
 
 
 def profile(reads: int, writes: int) -> None:

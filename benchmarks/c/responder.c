@@ -6,7 +6,12 @@
  * EINVAL error reply.  Same strategy as the Python server: read big chunks,
  * answer every whole message in them, send the replies in one write.
  *
- * usage: responder SOCKET_PATH
+ * With SPIN_US, after answering it polls that long for the next request
+ * (non-blocking reads) before it blocks: the same trade as the Python
+ * server's --spin-us, so the floor can be compared with the trick on both
+ * sides.
+ *
+ * usage: responder SOCKET_PATH [SPIN_US]
  */
 #include <errno.h>
 #include <stdint.h>
@@ -15,6 +20,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define HDR 16
@@ -58,12 +64,32 @@ static int write_all(int fd, const unsigned char *p, size_t n) {
     return 0;
 }
 
+static long spin_ns; /* 0: block at once */
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* read(), polling for spin_ns first when asked to. */
+static ssize_t next_read(int fd, void *buf, size_t len) {
+    if (spin_ns) {
+        const long end = now_ns() + spin_ns;
+        do {
+            ssize_t r = recv(fd, buf, len, MSG_DONTWAIT);
+            if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) return r;
+        } while (now_ns() < end);
+    }
+    return read(fd, buf, len);
+}
+
 static void serve(int fd) {
     static const char caps[] =
         "{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576}}";
     size_t have = 0;
     for (;;) {
-        ssize_t r = read(fd, inbuf + have, sizeof inbuf - have);
+        ssize_t r = next_read(fd, inbuf + have, sizeof inbuf - have);
         if (r <= 0) return;
         have += (size_t)r;
         size_t pos = 0, out = 0;
@@ -111,10 +137,11 @@ static void serve(int fd) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s SOCKET_PATH\n", argv[0]);
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: %s SOCKET_PATH [SPIN_US]\n", argv[0]);
         return 2;
     }
+    if (argc == 3) spin_ns = (long)(atof(argv[2]) * 1000);
     int ls = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     strncpy(sa.sun_path, argv[1], sizeof sa.sun_path - 1);

@@ -41,6 +41,18 @@ def _parent_transport(text: str) -> str:
     return text
 
 
+@config.numeric
+def _spin_us(text: str) -> float:
+    """--spin-us: a finite number of microseconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1e6:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: expected microseconds from 0 to 1e6")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -121,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="native transport: serve each connection on its own thread (devices that "
         "allow it; the default) or as a trio task",
+    )
+    s.add_argument(
+        "--spin-us",
+        type=_spin_us,
+        default=None,
+        metavar="US",
+        help="native transport, connection threads: poll this long for a bursting client's "
+        "next request before sleeping (0 = never; default: each device's request_spin_us)",
     )
     s.add_argument(
         "--parent-transport",

@@ -33,9 +33,9 @@ import dataclasses
 import difflib
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DEFAULT_PATH = Path("/etc/mdevd/mdevd.toml")
 
@@ -45,6 +45,15 @@ DEFAULT_PATH = Path("/etc/mdevd/mdevd.toml")
 _NOT_KEYS = frozenset({"help", "config", "no-config", "verbose", "parent-opt", "no-pds"})
 _NOT_KEY_PREFIXES = ("pds-",)
 PARENTS = "parents"
+# Flag types that also take a TOML number (spin-us = 50), marked by numeric().
+_NUMERIC: set[object] = set()
+_Converted = TypeVar("_Converted")
+
+
+def numeric(convert: Callable[[str], _Converted]) -> Callable[[str], _Converted]:
+    """Mark a flag's ``type`` as a number's: its key takes a TOML number as well as text."""
+    _NUMERIC.add(convert)
+    return convert
 
 
 @dataclasses.dataclass
@@ -144,6 +153,8 @@ def _value(config: Config, key: str, action: argparse.Action, value: object) -> 
         else:
             raise config.error(key, f"expected an array of strings, not {_kind(value)}")
         return [_converted(config, key, action, item) for item in items]
+    if action.type in _NUMERIC and isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
     return _converted(config, key, action, _string(config, key, value))
 
 

@@ -97,7 +97,7 @@ def _transports(args: argparse.Namespace) -> TransportChoice:
             raise OSError(errno.EINVAL, f"--parent-transport {item!r}: expected PARENT=TRANSPORT")
         per_parent[parent] = transport
     try:
-        choice = TransportChoice(args.transport, per_parent, io=args.io)
+        choice = TransportChoice(args.transport, per_parent, io=args.io, spin_us=args.spin_us)
     except ValueError as e:
         raise OSError(errno.EINVAL, str(e)) from None
     if choice.uses(LIBVFIO_USER):

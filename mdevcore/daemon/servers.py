@@ -65,11 +65,18 @@ TRANSPORTS = (NATIVE, LIBVFIO_USER)
 
 
 def default_server_factory(
-    backend: DeviceBackend, path: Path, name: str, parent: str | None = None, io: str = ""
+    backend: DeviceBackend,
+    path: Path,
+    name: str,
+    parent: str | None = None,
+    io: str = "",
+    spin_us: float | None = None,
 ) -> Server:
     from mdevcore.vfio_user.server import DEFAULT_IO, DeviceServer
 
-    server: Server = DeviceServer(backend, str(path), name=name, io=io or DEFAULT_IO)
+    server: Server = DeviceServer(
+        backend, str(path), name=name, io=io or DEFAULT_IO, spin_us=spin_us
+    )
     return server
 
 
@@ -81,12 +88,15 @@ class TransportChoice:
     ``per_parent`` (and the hosted parents' devices, which have no mdev
     parent).  "libvfio-user" imports cffi and the C library only when used.
     ``io`` ("thread", "trio"; "" = the server's default) is the native
-    server's I/O mode (``mdevcore.vfio_user.server.DeviceServer``).
+    server's I/O mode (``mdevcore.vfio_user.server.DeviceServer``), and
+    ``spin_us`` its polling before a connection thread sleeps (None: each
+    device's ``request_spin_us``).
     """
 
     default: str = NATIVE
     per_parent: Mapping[str, str] = dataclasses.field(default_factory=dict)
     io: str = ""
+    spin_us: float | None = None
 
     def __post_init__(self) -> None:
         for transport in (self.default, *self.per_parent.values()):
@@ -109,7 +119,7 @@ class TransportChoice:
 
             server: Server = LibvfioUserServer(backend, str(path), name=name)
             return server
-        return default_server_factory(backend, path, name, io=self.io)
+        return default_server_factory(backend, path, name, io=self.io, spin_us=self.spin_us)
 
 
 @dataclasses.dataclass(eq=False)

@@ -56,6 +56,10 @@ def test_the_file_sets_options_and_flags_win(tmp_path: Path) -> None:
     explicit = _args(path, "--pds-doorbells", "trapped", "--parent-opt", "pds.doorbells=mmap")
     assert explicit.parent_opt[-1] == "pds.doorbells=mmap"
     assert _args(path, "--log-format", "text").log_format == "text"
+    assert args.spin_us is None  # each device's own request_spin_us
+    # A number for a numeric flag; elsewhere a number is still refused (transport = 5 below).
+    assert _args(_write(tmp_path, "spin-us = 50\n")).spin_us == 50.0
+    assert _args(_write(tmp_path, "spin-us = 2.5\n"), "--spin-us", "0").spin_us == 0.0
 
 
 @pytest.mark.parametrize(
@@ -81,6 +85,10 @@ def test_the_file_sets_options_and_flags_win(tmp_path: Path) -> None:
          "TRANSPORT one of native, libvfio-user"),
         ('run-dir = "/run/x"\nsysfs = \n',
          "{path}:2: not valid TOML: Invalid value"),
+        ('spin-us = -1\n',
+         "{path}:1: spin-us: '-1': expected microseconds from 0 to 1e6"),
+        ('spin-us = "nan"\n',
+         "{path}:1: spin-us: 'nan': expected microseconds from 0 to 1e6"),
     ],
 )  # fmt: skip
 def test_a_bad_file_is_refused_naming_key_and_line(tmp_path: Path, text: str, message: str) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -367,3 +368,16 @@ async def test_posted_writes_keep_a_client_in_its_burst(sockdir: str) -> None:
                 assert client.spin_hits > 50
 
         await in_thread(go)
+
+
+def test_mdevd_serve_spin_us_reaches_every_native_server(sockdir: str) -> None:
+    from mdevcore.daemon import cli
+    from mdevcore.daemon.servers import TransportChoice
+
+    args = cli._parser().parse_args(["serve", "--spin-us", "20"])
+    choice = TransportChoice(io="thread", spin_us=args.spin_us)
+    server = choice(Spinner(), Path(sockdir) / "d.sock", "s")
+    assert isinstance(server, DeviceServer) and server.spin_ns == 20_000  # over the device's
+    assert TransportChoice()(Spinner(), Path(sockdir) / "e.sock", "s").spin_ns == 1_500_000
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["serve", "--spin-us", "-5"])

@@ -298,13 +298,17 @@ class VirtioNetWorkload:
     def run_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.quiesced:
+            # Refill, then look at the clock: the window is full whenever
+            # this returns, as a busy guest's is at any moment a migration
+            # may stop it (returning after a poll left it empty most times).
             while len(self.in_flight) < WINDOW:
                 self._send_echo(self.next_seq)
                 self.next_seq += 1
-            self._poll(0.005)
-            self._check_stuck()
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return
+            self._poll(min(left, 0.005))
+            self._check_stuck()
 
     def _check_stuck(self, limit: float = 5.0) -> None:
         now = time.monotonic()
