@@ -378,6 +378,7 @@ def test_mdevd_serve_spin_us_reaches_every_native_server(sockdir: str) -> None:
     choice = TransportChoice(io="thread", spin_us=args.spin_us)
     server = choice(Spinner(), Path(sockdir) / "d.sock", "s")
     assert isinstance(server, DeviceServer) and server.spin_ns == 20_000  # over the device's
-    assert TransportChoice()(Spinner(), Path(sockdir) / "e.sock", "s").spin_ns == 1_500_000
+    default = TransportChoice()(Spinner(), Path(sockdir) / "e.sock", "s")
+    assert isinstance(default, DeviceServer) and default.spin_ns == 1_500_000
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["serve", "--spin-us", "-5"])
