@@ -7,7 +7,10 @@ Linux guest does, unless ``--no-shadow``), the controller executes against
 a file-backed namespace and signals an eventfd as its interrupt.  Prints
 IOPS and microseconds per command at queue depth 1 and 32, and at depth 1
 the doorbell-to-interrupt latency (p50/p99): the part of a guest's QD1
-round trip the controller owns.  It runs twice, with the C read/write
+round trip the controller owns, split on the C path into the time inside
+the C call (``nf_run``: fetch, checks, the transfer, the completion) and
+the Python around it (the doorbell write, the shadow doorbell and EventIdx,
+the interrupt decision), where the next gain is.  It runs twice, with the C read/write
 path (mdevcore.nvme.fastio) and with every command in Python, and prints
 the ratios.  Compare with the socket round trip
 (benchmarks/vfio_user_rtt.py) and the guest-level figures of
@@ -63,6 +66,23 @@ class Memory:
         return addr
 
 
+class _TimedLib:
+    """The C extension's functions, with the time spent in ``nf_run`` added up."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+        self.ns = 0
+
+    def nf_run(self, *args: object) -> int:
+        t0 = time.perf_counter_ns()
+        done: int = self._lib.nf_run(*args)  # type: ignore[attr-defined]
+        self.ns += time.perf_counter_ns() - t0
+        return done
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)
+
+
 class Bench:
     def __init__(
         self, directory: str, ns_bytes: int, direct: bool, shadow: bool, fast_io: bool = True
@@ -78,6 +98,11 @@ class Bench:
             config=ControllerConfig(max_io_queues=2),
             fast_io=fast_io,
         )
+        fast = self.ctrl.fast_io
+        self.timed: _TimedLib | None = None
+        if fast is not None:
+            self.timed = _TimedLib(fast._lib)
+            fast._lib = self.timed
         self.depth = 64
         asq, acq = self.mem.alloc(PAGE), self.mem.alloc(PAGE)
         self.w32(REG_AQA, 15 << 16 | 15)
@@ -138,11 +163,14 @@ class Bench:
         self.w32(DOORBELL_BASE, slot + 1)
         self.ctrl.process()
 
-    def run(self, opcode: int, qd: int, seconds: float) -> tuple[int, float, list[int]]:
-        """Commands done, seconds taken, and per batch the doorbell-to-interrupt ns."""
+    def run(self, opcode: int, qd: int, seconds: float) -> tuple[int, float, list[int], list[int]]:
+        """Commands done, seconds taken, per batch the doorbell-to-interrupt ns
+        and of it the ns inside the C call (empty on the Python path)."""
         rng = random.Random(1)
         done = 0
         latencies = []
+        in_c: list[int] = []
+        timed = self.timed
         start = time.perf_counter()
         end = start + seconds
         sq_off, cq_off = self.sq - BASE, self.cq - BASE
@@ -156,11 +184,15 @@ class Bench:
                 o = sq_off + self.tail * 64
                 self.mem.mm[o : o + 64] = cmd.encode()
                 self.tail = (self.tail + 1) % self.depth
+            if timed is not None:
+                timed.ns = 0
             rung = time.perf_counter_ns()
             self.ring(2, self.tail)
             while self.ctrl.process():
                 pass
             latencies.append(self.irq_at - rung)
+            if timed is not None:
+                in_c.append(timed.ns)
             for _ in range(qd):
                 o = cq_off + self.head * 16
                 assert self.mem.mm[o + 14] & 1 == phase, "missing completion"
@@ -172,7 +204,7 @@ class Bench:
             now = time.perf_counter()
             if now >= end:
                 self.phase = phase
-                return done, now - start, latencies
+                return done, now - start, latencies, in_c
 
     def close(self) -> None:
         self.ctrl.close()
@@ -226,16 +258,23 @@ def measure(bench: Bench, seconds: float) -> dict[str, float]:
     out = {}
     for name, opcode in (("randread", IoOpcode.READ), ("randwrite", IoOpcode.WRITE)):
         for qd in (1, 32):
-            n, elapsed, lat = bench.run(opcode, qd, seconds)
+            n, elapsed, lat, in_c = bench.run(opcode, qd, seconds)
             iops, us = n / elapsed, elapsed / n * 1e6
             line = f"{name:9s} 4k qd{qd:<2d}: {iops:9.0f} IOPS  {us:7.1f} us/cmd"
             out[f"{name} qd{qd} IOPS"] = iops
+            lat_unsorted = list(lat)
             if qd == 1:
                 lat.sort()
                 p50, p99 = lat[len(lat) // 2] / 1e3, lat[len(lat) * 99 // 100] / 1e3
                 line += f"  doorbell->irq p50 {p50:6.1f} us  p99 {p99:6.1f} us"
                 out[f"{name} qd1 irq p50"] = p50
             print(line, flush=True)
+            if qd == 1 and in_c:
+                around = sorted(t - c for t, c in zip(lat_unsorted, in_c, strict=True))
+                in_c.sort()
+                print(f"{'':30s}of it in C (nf_run) p50 {in_c[len(in_c) // 2] / 1e3:6.1f} us, "
+                      f"Python around it p50 {around[len(around) // 2] / 1e3:6.1f} us",
+                      flush=True)  # fmt: skip
     return out
 
 
