@@ -256,15 +256,22 @@ def main() -> None:
     parser.add_argument(
         "--max-steal",
         type=float,
-        default=100.0,
+        default=None,
         help="boot a variant again when the hypervisor stole more than this %% of the "
         "VM's CPU during it (a shared host's noise, not the device's); the least "
         "stolen boot counts",
     )
     parser.add_argument(
-        "--retries", type=int, default=2, help="at most this many boots again per variant"
+        "--retries",
+        type=int,
+        default=None,
+        help="with --max-steal: at most this many boots again per variant (default 2)",
     )
     args = parser.parse_args()
+    if args.retries is not None and args.max_steal is None:
+        parser.error("--retries: boots are repeated only for --max-steal")
+    max_steal = 100.0 if args.max_steal is None else args.max_steal
+    retries = 2 if args.retries is None else args.retries
     logging.basicConfig(level=logging.WARNING)
     lab = Lab.ensure()
     # The backing file must be inside a directory the lab can bind into the chroot.
@@ -280,12 +287,12 @@ def main() -> None:
                 label = variant if args.rounds == 1 else f"{variant} #{n + 1}"
                 # (steal %, figures) of each boot; the least stolen one counts.
                 boots: list[tuple[float, dict[int, Figures]]] = []
-                while len(boots) <= args.retries:
+                while len(boots) <= retries:
                     ticks = cpu_ticks()
                     figures = run_variant(lab, variant, backing, args.size_mib, script, timeout)
                     boots.append((100 * steal_since(ticks), figures))
                     print(f"{row(label, figures)}  steal {boots[-1][0]:4.1f}%", flush=True)
-                    if boots[-1][0] <= args.max_steal:
+                    if boots[-1][0] <= max_steal:
                         break
                 steal, figures = min(boots, key=lambda boot: boot[0])
                 if len(boots) > 1:
