@@ -218,8 +218,9 @@ class DeviceServer:
         """The connection on its thread; device calls from here take the lock."""
         await self._serve_one(
             client, scope, ThreadedDmaPort(client), partial(serve_threaded, client), client.lock,
-            lambda: (f"{client.conn.handled} requests, {client.spin_hits} caught spinning, "
-                     f"{client.yields} turns yielded; thread"),
+            lambda: (f"{client.conn.handled} requests, {client.spin_hits} caught spinning "
+                     f"({client.spin_refused} polls refused), {client.yields} turns yielded; "
+                     "thread"),
             " (thread)",
         )  # fmt: skip
 

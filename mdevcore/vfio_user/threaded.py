@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import errno
 import logging
+import os
 import select
 import socket
 import threading
@@ -54,14 +55,22 @@ log = logging.getLogger(__name__)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
+# How many connection threads of this process may poll at once: polling
+# costs at most that many CPUs, however many devices are busy, and leaves
+# one for the rest (a polling thread also takes the GIL between its polls).
+# A thread finding no slot free waits in recvmsg, as without a spin.
+SPIN_SLOTS = max(1, (os.cpu_count() or 1) - 1)
+_spin_slots = threading.BoundedSemaphore(SPIN_SLOTS)
+
 
 class ThreadedClient:
     """One accepted connection served by a thread (see the module doc).
 
     ``run`` is the thread's body; everything else runs in trio.  Counters
     as the trio server's ``_Client``: ``yields`` (turns ended by the
-    fairness bound), ``spin_hits`` (requests caught polling), ``parks``
-    (waits for the client; counted only while profiling).
+    fairness bound), ``spin_hits`` (requests caught polling),
+    ``spin_refused`` (polls not started: every slot of ``SPIN_SLOTS`` was
+    taken), ``parks`` (waits for the client; counted only while profiling).
     """
 
     def __init__(
@@ -99,6 +108,7 @@ class ThreadedClient:
         self.gone = False
         self.parks = 0
         self.spin_hits = 0
+        self.spin_refused = 0
         self.yields = 0
 
     # --- in the thread ----------------------------------------------------------
@@ -119,21 +129,29 @@ class ThreadedClient:
 
         Polls only while the client is in a burst (its last request came
         within spin_ns of our previous reply), as the trio reader does: a
-        sparse client, or one starved of CPU, is waited for at once.
+        sparse client, or one starved of CPU, is waited for at once.  And
+        only with a slot of ``SPIN_SLOTS`` free.
         """
         recvmsg_into, bufs, cmsg = self.sock.recvmsg_into, [self._view], self._cmsg_space
         clock = time.perf_counter_ns
         if self._burst:
-            end = clock() + self.spin_ns
-            while True:
+            slots = _spin_slots
+            if slots.acquire(blocking=False):
                 try:
-                    n, anc, flags, _ = recvmsg_into(bufs, cmsg, _MSG_DONTWAIT)
-                except BlockingIOError:
-                    if clock() >= end:
-                        break
-                    continue
-                self.spin_hits += 1
-                return n, anc, flags
+                    end = clock() + self.spin_ns
+                    while True:
+                        try:
+                            n, anc, flags, _ = recvmsg_into(bufs, cmsg, _MSG_DONTWAIT)
+                        except BlockingIOError:
+                            if clock() >= end:
+                                break
+                            continue
+                        self.spin_hits += 1
+                        return n, anc, flags
+                finally:
+                    slots.release()
+            else:
+                self.spin_refused += 1
         elif self.profile is not None:
             return self._receive_profiled()
         n, anc, flags, _ = recvmsg_into(bufs, cmsg)

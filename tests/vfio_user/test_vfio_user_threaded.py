@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,6 +23,7 @@ import pytest
 import trio
 
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
+from mdevcore.vfio_user import threaded
 from mdevcore.vfio_user.client import Client
 from mdevcore.vfio_user.constants import Command
 from mdevcore.vfio_user.locking import in_locked_run, run_locked
@@ -382,3 +384,33 @@ def test_mdevd_serve_spin_us_reaches_every_native_server(sockdir: str) -> None:
     assert isinstance(default, DeviceServer) and default.spin_ns == 1_500_000
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["serve", "--spin-us", "-5"])
+
+
+async def test_no_poll_without_a_free_spin_slot(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pollers are capped per process: with every slot taken a thread waits in recvmsg."""
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(threaded, "_spin_slots", slots)
+    dev = Recorder()
+    path = os.path.join(sockdir, "d.sock")
+    async with serving(dev, path, spin_us=2000) as server:
+
+        def go(expect_polls: bool) -> None:
+            with connect(path) as c:
+                for i in range(50):
+                    c.region_write(0, 4 * i, i.to_bytes(4, "little"))
+                    assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
+                client = server._client
+                assert isinstance(client, ThreadedClient)
+                if expect_polls:
+                    assert client.spin_hits > 50 and client.spin_refused == 0
+                else:
+                    assert client.spin_hits == 0 and client.spin_refused > 50
+
+        assert slots.acquire(blocking=False)  # another connection polls
+        await in_thread(partial(go, False))
+        slots.release()
+        await in_thread(partial(go, True))
+    # Every poll gave its slot back (BoundedSemaphore: one release too many raises).
+    assert slots.acquire(blocking=False)
