@@ -321,22 +321,24 @@ async def test_both_sides_at_once_keep_the_device_whole(sockdir: str) -> None:
     assert dev.lock_held and all(dev.lock_held)  # every hook, either side, under the lock
 
 
+def _burst(path: str, server: DeviceServer) -> ThreadedClient:
+    """50 writes and reads back to back on one connection; its server side."""
+    with connect(path) as c:
+        for i in range(50):
+            c.region_write(0, 4 * i, i.to_bytes(4, "little"))
+            assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
+        client = server._client
+        assert isinstance(client, ThreadedClient)
+        return client
+
+
 async def test_spinning_thread_catches_a_bursting_client(sockdir: str) -> None:
     dev = Recorder()
     path = os.path.join(sockdir, "d.sock")
     async with serving(dev, path, spin_us=2000) as server:
-
-        def go() -> None:
-            with connect(path) as c:
-                for i in range(50):
-                    c.region_write(0, 4 * i, i.to_bytes(4, "little"))
-                    assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
-                client = server._client
-                assert isinstance(client, ThreadedClient)
-                # Each request follows our reply within microseconds: polled, not waited for.
-                assert client.spin_hits > 50
-
-        await in_thread(go)
+        client = await in_thread(partial(_burst, path, server))
+        # Each request follows our reply within microseconds: polled, not waited for.
+        assert client.spin_hits > 50
 
 
 class Spinner(Recorder):
@@ -395,22 +397,11 @@ async def test_no_poll_without_a_free_spin_slot(
     dev = Recorder()
     path = os.path.join(sockdir, "d.sock")
     async with serving(dev, path, spin_us=2000) as server:
-
-        def go(expect_polls: bool) -> None:
-            with connect(path) as c:
-                for i in range(50):
-                    c.region_write(0, 4 * i, i.to_bytes(4, "little"))
-                    assert c.region_read(0, 4 * i, 4) == i.to_bytes(4, "little")
-                client = server._client
-                assert isinstance(client, ThreadedClient)
-                if expect_polls:
-                    assert client.spin_hits > 50 and client.spin_refused == 0
-                else:
-                    assert client.spin_hits == 0 and client.spin_refused > 50
-
         assert slots.acquire(blocking=False)  # another connection polls
-        await in_thread(partial(go, False))
+        refused = await in_thread(partial(_burst, path, server))
+        assert refused.spin_hits == 0 and refused.spin_refused > 50
         slots.release()
-        await in_thread(partial(go, True))
+        polled = await in_thread(partial(_burst, path, server))
+        assert polled.spin_hits > 50 and polled.spin_refused == 0
     # Every poll gave its slot back (BoundedSemaphore: one release too many raises).
     assert slots.acquire(blocking=False)
