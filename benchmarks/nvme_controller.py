@@ -9,8 +9,8 @@ IOPS and microseconds per command at queue depth 1 and 32, and at depth 1
 the doorbell-to-interrupt latency (p50/p99): the part of a guest's QD1
 round trip the controller owns, split on the C path into the time inside
 the C call (``nf_run``: fetch, checks, the transfer, the completion) and
-the Python around it (the doorbell write, the shadow doorbell and EventIdx,
-the interrupt decision), where the next gain is.  It runs twice, with the C read/write
+the Python around it (the doorbell write, the shadow doorbell and
+EventIdx, the interrupt decision).  It runs twice, with the C read/write
 path (mdevcore.nvme.fastio) and with every command in Python, and prints
 the ratios.  Compare with the socket round trip
 (benchmarks/vfio_user_rtt.py) and the guest-level figures of
@@ -262,19 +262,20 @@ def measure(bench: Bench, seconds: float) -> dict[str, float]:
             iops, us = n / elapsed, elapsed / n * 1e6
             line = f"{name:9s} 4k qd{qd:<2d}: {iops:9.0f} IOPS  {us:7.1f} us/cmd"
             out[f"{name} qd{qd} IOPS"] = iops
-            lat_unsorted = list(lat)
+            split = ""
             if qd == 1:
+                if in_c:  # per batch, before the latencies are sorted
+                    around = sorted(t - c for t, c in zip(lat, in_c, strict=True))
+                    in_c.sort()
+                    split = (
+                        f"\n{'':30s}of it in C (nf_run) p50 {in_c[len(in_c) // 2] / 1e3:6.1f}"
+                        f" us, Python around it p50 {around[len(around) // 2] / 1e3:6.1f} us"
+                    )
                 lat.sort()
                 p50, p99 = lat[len(lat) // 2] / 1e3, lat[len(lat) * 99 // 100] / 1e3
-                line += f"  doorbell->irq p50 {p50:6.1f} us  p99 {p99:6.1f} us"
+                line += f"  doorbell->irq p50 {p50:6.1f} us  p99 {p99:6.1f} us{split}"
                 out[f"{name} qd1 irq p50"] = p50
             print(line, flush=True)
-            if qd == 1 and in_c:
-                around = sorted(t - c for t, c in zip(lat_unsorted, in_c, strict=True))
-                in_c.sort()
-                print(f"{'':30s}of it in C (nf_run) p50 {in_c[len(in_c) // 2] / 1e3:6.1f} us, "
-                      f"Python around it p50 {around[len(around) // 2] / 1e3:6.1f} us",
-                      flush=True)  # fmt: skip
     return out
 
 

@@ -143,7 +143,6 @@ def build() -> None:
             subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
 
 
-VERBOSE: list[str] = []  # ["-v"]: servers log their counters (experiments)
 C_FLOOR = "C responder"
 LIBVFIO_USER = "libvfio-user PciDevice"
 SERVERS = (
@@ -188,7 +187,6 @@ def start_server(
     else:
         cmd = [sys.executable, "-m", "mdevcore.vfio_user", "--device", f"vfio_user_rtt:{device}",
                "--socket", path, "--spin-us", str(spin_us), "--transport", transport]  # fmt: skip
-        cmd += VERBOSE
         cmd += ["--io", io] if io else []
         cmd += ["--profile"] if profile else []
     pythonpath = os.pathsep.join(filter(None, (str(HERE), str(ROOT), os.environ.get("PYTHONPATH"))))

@@ -19,6 +19,7 @@ mdevd --version
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -47,8 +48,8 @@ def _spin_us(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1e6:  # also refuses nan and inf
+        value = math.nan
+    if not 0.0 <= value < 1e6:  # refuses nan and inf too
         raise argparse.ArgumentTypeError(f"{text!r}: expected microseconds from 0 to 1e6")
     return value
 

@@ -22,6 +22,8 @@ from typing import TypeVar
 import pytest
 import trio
 
+from mdevcore.daemon import cli
+from mdevcore.daemon.servers import TransportChoice
 from mdevcore.pci.device import BarKind, PciDevice, PciIdentity
 from mdevcore.vfio_user import threaded
 from mdevcore.vfio_user.client import Client
@@ -375,9 +377,6 @@ async def test_posted_writes_keep_a_client_in_its_burst(sockdir: str) -> None:
 
 
 def test_mdevd_serve_spin_us_reaches_every_native_server(sockdir: str) -> None:
-    from mdevcore.daemon import cli
-    from mdevcore.daemon.servers import TransportChoice
-
     args = cli._parser().parse_args(["serve", "--spin-us", "20"])
     choice = TransportChoice(io="thread", spin_us=args.spin_us)
     server = choice(Spinner(), Path(sockdir) / "d.sock", "s")
