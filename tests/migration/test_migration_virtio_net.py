@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from mdevcore.migration.arcs import State
 from mdevcore.migration.sender import Options
 from mdevcore.migration.session import Endpoint, continue_on, migrate_local
 from mdevcore.migration.workload import create
+from mdevcore.migration.workloads import virtio_net_frames as frames
 from mdevcore.migration.workloads.virtio_net import PEER, VirtioNetWorkload
 from mdevcore.testing.netns import needs_netns, netns, run_in
 
@@ -122,21 +124,51 @@ def test_pings_survive_migrations_back_and_forth(
         here.close()
 
 
-def test_a_stuck_ring_is_caught(daemons: tuple[IfcvfDaemon, IfcvfDaemon]) -> None:
-    """The check has teeth: a used entry the driver never posted is a mismatch."""
-    ep = Endpoint(daemons[0].path, MEM, name="A")
+@contextmanager
+def started(daemon: IfcvfDaemon, seconds: float) -> Iterator[VirtioNetWorkload]:
+    """The virtio_net workload on ``daemon``'s VF, run for ``seconds``; closed after."""
+    ep = Endpoint(daemon.path, MEM, name="A")
     wl = create("virtio_net")
     assert isinstance(wl, VirtioNetWorkload)
     try:
         wl.start(ep.client, ep.mem)
-        wl.run_for(0.1)
+        wl.run_for(seconds)
+        yield wl
+    finally:
+        wl.close()
+        ep.close()
+
+
+def test_a_stuck_ring_is_caught(daemons: tuple[IfcvfDaemon, IfcvfDaemon]) -> None:
+    """The check has teeth: a used entry the driver never posted is a mismatch."""
+    with started(daemons[0], 0.1) as wl:
         wl.rx_outstanding.discard(next(iter(wl.rx_outstanding)))  # "forget" one RX buffer
         wl.run_for(0.3)
         with pytest.raises(AssertionError, match="RX"):
             wl.verify()
-    finally:
-        wl.close()
-        ep.close()
+
+
+def test_verify_waits_for_what_its_last_poll_sent(
+    daemons: tuple[IfcvfDaemon, IfcvfDaemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ARP reply sent by verify's last poll (the peer asked) is used before the rings
+    are compared: that race failed a migration's check now and then."""
+    with started(daemons[0], 0.2) as wl:
+        poll, replies = wl._poll, list[int]()
+
+        def poll_then_answer(timeout: float) -> None:
+            idle = not wl.in_flight and not wl.tx_outstanding  # verify's last look
+            poll(timeout)
+            if idle and not replies:
+                # What _frame does for the peer's ARP request, at the worst moment.
+                a = wl.addr
+                assert a.peer_mac is not None
+                wl._send_arp(frames.ARP_REPLY, a.peer_mac, a.peer_mac, a.peer_ip)
+                replies.append(1)
+
+        monkeypatch.setattr(wl, "_poll", poll_then_answer)
+        wl.verify()
+        assert replies and not wl.tx_outstanding
 
 
 def test_mdevd_migrate_reports_downtime(daemons: tuple[IfcvfDaemon, IfcvfDaemon]) -> None:

@@ -375,14 +375,20 @@ class VirtioNetWorkload:
 
     # --- checking -------------------------------------------------------------------------
 
-    def verify(self) -> None:
-        deadline = time.monotonic() + 5.0
-        # Drain (no need to wait once something is known wrong).
+    def _drain(self, deadline: float) -> None:
+        """Poll until nothing is in flight (no need to wait once something is known wrong)."""
         while (self.in_flight or self.tx_outstanding) and not self.mismatches:
             if time.monotonic() >= deadline:
                 break
             self._poll(0.05)
-        self._poll(0.05)
+
+    def verify(self) -> None:
+        deadline = time.monotonic() + 5.0
+        self._drain(deadline)
+        self._poll(0.05)  # late or unexpected completions
+        # That poll may have answered the peer's ARP request: its TX chain
+        # completes before the rings are compared, or the check races it.
+        self._drain(deadline)
         drv = self._driver()
         for seq in sorted(self.in_flight)[:5]:
             self._mismatch(f"request {seq} never answered (not in flight at a migration)")
